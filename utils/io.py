@@ -1,0 +1,124 @@
+"""File input/output with clear errors and atomic writes.
+
+Every writer here writes to a temporary file in the destination folder and renames it into place, so an
+interrupted run never leaves a half-written file where a complete one used to be.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import tempfile
+from typing import Iterable, Optional
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A problem with user-supplied data: the message names the file/key and what was expected."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ''):
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp' + suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_pickle_dump(obj, path: str, protocol: int = 2) -> None:
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+        pickle.dump(obj, f, protocol=protocol)
+
+
+def atomic_np_save(path: str, array: np.ndarray) -> None:
+    """``np.save`` to exactly ``path`` (which should end in ``.npy``)."""
+    with atomic_path(path, suffix='.npy') as tmp:
+        np.save(tmp, array)
+
+
+def atomic_np_savez(path: str, compressed: bool = False, **arrays) -> None:
+    """``np.savez`` / ``np.savez_compressed`` to exactly ``path`` (which should end in ``.npz``)."""
+    with atomic_path(path, suffix='.npz') as tmp:
+        (np.savez_compressed if compressed else np.savez)(tmp, **arrays)
+
+
+def atomic_json_dump(obj, path: str, indent: int = 2) -> None:
+    with atomic_path(path) as tmp, open(tmp, 'w') as f:
+        json.dump(obj, f, indent=indent)
+        f.write('\n')
+
+
+def atomic_text_write(path: str, text: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, 'w') as f:
+        f.write(text)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    import torch
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def require_file(path: str, what: str, hint: str = '') -> str:
+    """Return ``path`` if it is a file, else raise a one-line DataError naming it."""
+    if not os.path.isfile(path):
+        raise DataError(f"missing {what}: expected a file at '{path}'" + (f" ({hint})" if hint else ''))
+    return path
+
+
+def load_pickle(path: str, what: str = 'pickle file', hint: str = ''):
+    require_file(path, what, hint)
+    try:
+        with open(path, 'rb') as f:
+            return pickle.load(f, encoding='latin1')
+    except Exception as exc:  # corrupt or foreign file
+        raise DataError(f"cannot read {what} '{path}': {type(exc).__name__}: {exc}") from exc
+
+
+def load_json(path: str, what: str = 'json file', keys: Iterable[str] = ()):
+    require_file(path, what)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except Exception as exc:
+        raise DataError(f"cannot read {what} '{path}': {exc}") from exc
+    for key in keys:
+        if key not in data:
+            raise DataError(f"{what} '{path}' has no key '{key}'")
+    return data
+
+
+def load_npz_checked(path: str, keys: Iterable[str], what: str = 'npz file',
+                     shapes: Optional[dict] = None) -> dict:
+    """Load the given keys of an npz file into a dict, checking presence and (optionally) trailing shapes.
+
+    ``shapes`` maps a key to its expected shape with ``None`` for free dimensions, e.g. ``{'center': (None, 2)}``.
+    """
+    require_file(path, what)
+    try:
+        archive = np.load(path, allow_pickle=True)
+    except Exception as exc:
+        raise DataError(f"cannot read {what} '{path}': {exc}") from exc
+    out = {}
+    with archive:
+        for key in keys:
+            if key not in archive.files:
+                raise DataError(f"{what} '{path}' lacks key '{key}' (has: {', '.join(sorted(archive.files))})")
+            out[key] = archive[key]
+    for key, shape in (shapes or {}).items():
+        arr = out[key]
+        ok = arr.ndim == len(shape) and all(e is None or e == a for e, a in zip(shape, arr.shape))
+        if not ok:
+            pretty = '[' + ','.join('N' if e is None else str(e) for e in shape) + ']'
+            raise DataError(f"{what} '{path}' key '{key}' has shape {list(arr.shape)}, expected {pretty}")
+    return out

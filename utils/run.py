@@ -1,0 +1,119 @@
+"""Small helpers shared by the train/test scripts: flag parsing, seeding, devices, run folders, logging."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import time
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from utils.io import atomic_json_dump
+
+
+def str2bool(value) -> bool:
+    """Boolean flag parser accepting true/false/1/0/yes/no (case-insensitive); anything else is an error."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ('true', '1', 'yes', 'y', 'on'):
+        return True
+    if text in ('false', '0', 'no', 'n', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True/False/1/0, got {value!r}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices); make cudnn deterministic."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+
+
+def get_device(gpu_id: int = 0) -> torch.device:
+    """``cuda:<gpu_id>`` when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device(f'cuda:{gpu_id}')
+    return torch.device('cpu')
+
+
+def recursive_to(obj, device):
+    """Move every tensor inside nested dicts/lists/tuples to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: recursive_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(recursive_to(v, device) for v in obj)
+    return obj
+
+
+def endless(loader) -> Iterator:
+    """Iterate a DataLoader forever, restarting it when exhausted."""
+    while True:
+        for batch in loader:
+            yield batch
+
+
+def make_run_dir(save_dir: str, run_id=None) -> str:
+    """``<save_dir>/<run_id>``; a random id in [1, 100000] not yet used when ``run_id`` is None."""
+    os.makedirs(save_dir, exist_ok=True)
+    if run_id is None:
+        rng = random.Random(time.time_ns())
+        while True:
+            run_id = rng.randint(1, 100000)
+            if not os.path.exists(os.path.join(save_dir, str(run_id))):
+                break
+    path = os.path.join(save_dir, str(run_id))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def save_run_config(run_dir: str, args: argparse.Namespace, cfg_path: str = None) -> None:
+    """Write ``params.json`` (the parsed flags and the command line) and a copy of the model config."""
+    params = dict(vars(args))
+    params['command'] = ' '.join(sys.argv)
+    atomic_json_dump(params, os.path.join(run_dir, 'params.json'))
+    if cfg_path and os.path.isfile(cfg_path):
+        shutil.copyfile(cfg_path, os.path.join(run_dir, os.path.basename(cfg_path)))
+
+
+def get_logger(run_dir: str = None, name: str = 'egohmr') -> logging.Logger:
+    """Logger printing to stdout and, with ``run_dir``, to ``run_<timestamp>.log`` there."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.handlers.clear()
+    fmt = logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S')
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    logger.addHandler(stream)
+    if run_dir:
+        handler = logging.FileHandler(os.path.join(run_dir, time.strftime('run_%Y%m%d_%H%M%S.log')))
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    logger.propagate = False
+    return logger
+
+
+def format_table(rows, headers) -> str:
+    """A plain-text (markdown-compatible) table."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ['| ' + ' | '.join(c.ljust(w) for c, w in zip(cells[0], widths)) + ' |',
+             '|' + '|'.join('-' * (w + 2) for w in widths) + '|']
+    lines += ['| ' + ' | '.join(c.ljust(w) for c, w in zip(r, widths)) + ' |' for r in cells[1:]]
+    return '\n'.join(lines)
+
+
+def write_metrics(metrics: dict, json_path: str, title: str = 'metrics') -> str:
+    """Save ``metrics`` as JSON (atomically) and return a printable table of them."""
+    atomic_json_dump(metrics, json_path)
+    rows = [(k, f'{v:.2f}' if isinstance(v, float) else v) for k, v in metrics.items()]
+    return f'{title}\n' + format_table(rows, ('metric', 'value'))
