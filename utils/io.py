@@ -15,6 +15,10 @@ from typing import Iterable, Optional
 import numpy as np
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class DataError(ValueError):
     """A problem with user-supplied data: the message names the file/key and what was expected."""
 
@@ -29,6 +33,7 @@ def atomic_path(path: str, suffix: str = ''):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
