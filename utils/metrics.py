@@ -74,3 +74,25 @@ def mpjpe(pred_joints, gt_joints) -> np.ndarray:
 def pa_error(pred, gt) -> np.ndarray:
     """Mean error after similarity Procrustes alignment ``[B]``."""
     return mean_point_error(similarity_procrustes(pred, gt), gt)
+
+
+STAGE1_METRICS = ('G-MPJPE', 'MPJPE', 'PA-MPJPE', 'G-V2V', 'V2V', 'PA-V2V')
+
+
+def stage1_frame_errors(pred_joints, pred_verts, gt_joints, gt_verts) -> dict:
+    """Per-frame stage-1 errors in millimetres (spec D§5.1), each ``[B]``.
+
+    ``*_joints [B, 24, 3]`` and ``*_verts [B, V, 3]`` are global (PV frame, metres). MPJPE/V2V subtract each body's
+    own joint 0; PA-* apply a similarity Procrustes to the pelvis-aligned prediction.
+    """
+    pred_pelvis, gt_pelvis = _np(pred_joints)[:, 0], _np(gt_joints)[:, 0]
+    pj, gj = pelvis_aligned(pred_joints, pred_pelvis), pelvis_aligned(gt_joints, gt_pelvis)
+    pv, gv = pelvis_aligned(pred_verts, pred_pelvis), pelvis_aligned(gt_verts, gt_pelvis)
+    return {
+        'G-MPJPE': 1000.0 * mean_point_error(pred_joints, gt_joints),
+        'MPJPE': 1000.0 * mean_point_error(pj, gj),
+        'PA-MPJPE': 1000.0 * pa_error(pj, gj),
+        'G-V2V': 1000.0 * mean_point_error(pred_verts, gt_verts),
+        'V2V': 1000.0 * mean_point_error(pv, gv),
+        'PA-V2V': 1000.0 * pa_error(pv, gv),
+    }

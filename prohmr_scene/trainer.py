@@ -1,0 +1,215 @@
+"""Stage-1 training loop (spec models.md §1.10), as functions; ``train_prohmr_scene.py`` only parses flags.
+
+Per iteration: EgoBody batch -> ``forward_step(train=True)`` -> losses + generator adversarial term -> AdamW
+step of backbone/flow/scene encoder -> discriminator step on the detached predictions vs a MoCap batch.
+Every ``val_step`` iterations the whole val split is evaluated (eval mode, ``NUM_TEST_SAMPLES``) and
+``best_model.pt`` is written when the val ``loss_keypoints_3d_mode`` improves; ``last_model.pt`` every
+``save_step`` iterations.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from typing import Dict, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from prohmr_scene.checkpoints import PROHMR_HINT, load_prohmr_backbone, save_stage1_checkpoint
+from prohmr_scene.model import ProHMRScene
+from utils.io import DataError
+from utils.run import endless, get_device, get_logger, make_run_dir, recursive_to, save_run_config, seed_everything
+
+VAL_METRIC = 'loss_keypoints_3d_mode'
+
+
+def mocap_path(data_dir: str) -> str:
+    return os.path.join(data_dir, 'datasets', 'cmu_mocap.npz')
+
+
+def build_model(args, cfg, device) -> ProHMRScene:
+    """The network, optionally initialised from ProHMR's checkpoint (``--load_pretrained``)."""
+    model = ProHMRScene(cfg, data_dir=args.data_dir, with_focal_length=args.with_focal_length,
+                        with_bbox_info=args.with_bbox_info, with_cam_center=args.with_cam_center,
+                        scene_feat_dim=512, scene_cano=args.scene_cano, with_full_2d_loss=args.with_full_2d_loss,
+                        with_global_3d_loss=args.with_global_3d_loss)
+    if args.load_pretrained:
+        if not os.path.isfile(args.checkpoint):
+            raise DataError(f"--checkpoint: no ProHMR checkpoint at '{args.checkpoint}'; {PROHMR_HINT}")
+        load_prohmr_backbone(model, args.checkpoint, only_backbone=args.load_only_backbone,
+                             log=get_logger().info)
+    return model.to(device)
+
+
+def build_loaders(args, cfg):
+    """(train loader, val loader, endless MoCap iterator)."""
+    from dataloaders.egobody_dataset import EgoBodyDataset
+    from dataloaders.mocap_dataset import MoCapDataset
+
+    common = dict(data_dir=args.data_dir, add_scale=args.add_bbox_scale, scene_type=args.scene_type,
+                  scene_cano=args.scene_cano, scene_downsample_rate=args.scene_downsample_rate)
+    train_set = EgoBodyDataset(cfg, args.dataset_root, split='train', spacing=1, do_augment=args.do_augment,
+                               train=True, seed=args.seed, **common)
+    val_set = EgoBodyDataset(cfg, args.dataset_root, split='val', spacing=1, do_augment=False, **common)
+    if len(train_set) < args.batch_size:
+        raise DataError(f"the train split of '{args.dataset_root}' has {len(train_set)} frames, fewer than "
+                        f"--batch_size {args.batch_size}")
+    generator = torch.Generator()
+    if args.seed is not None:
+        generator.manual_seed(args.seed)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=args.shuffle, drop_last=True,
+                              num_workers=args.num_workers, generator=generator)
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+    mocap = DataLoader(MoCapDataset(mocap_path(args.data_dir)), batch_size=args.batch_size, shuffle=True,
+                       num_workers=0, generator=generator)
+    return train_loader, val_loader, endless(mocap)
+
+
+def make_optimizers(model: ProHMRScene, cfg):
+    """AdamW for backbone + flow (incl. FC head) + scene encoder, and AdamW for the discriminator."""
+    gen_params, disc_params = model.trainable_groups()
+    lr, wd = float(cfg.TRAIN.LR), float(cfg.TRAIN.WEIGHT_DECAY)
+    return (torch.optim.AdamW(gen_params, lr=lr, weight_decay=wd),
+            torch.optim.AdamW(disc_params, lr=lr, weight_decay=wd))
+
+
+def train_step(model: ProHMRScene, batch: Dict, mocap_batch: Dict, optimizer, optimizer_disc) -> Dict[str, float]:
+    """One generator step and one discriminator step; returns the loss components as floats."""
+    adv_weight = float(model.cfg.LOSS_WEIGHTS.ADVERSARIAL)
+    model.train()
+    output = model.forward_step(batch, train=True)
+    loss, terms = model.compute_loss(batch, output, train=True)
+    loss_adv = model.adversarial_loss(output)
+    loss = loss + adv_weight * loss_adv
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+    loss_disc = model.discriminator_loss(output, mocap_batch)
+    optimizer_disc.zero_grad()
+    (adv_weight * loss_disc).backward()
+    optimizer_disc.step()
+
+    out = {k: float(v) for k, v in terms.items()}
+    out.update(loss=float(loss.detach()), loss_gen=float(loss_adv.detach()), loss_disc=float(loss_disc.detach()))
+    return out
+
+
+@torch.no_grad()
+def validate(model: ProHMRScene, loader, device) -> Dict[str, float]:
+    """Mean of the per-batch loss dicts over the loader (eval mode, ``NUM_TEST_SAMPLES`` samples).
+
+    The original divides the sum by (#batches - 1); we divide by #batches (spec D§7.13, fixed).
+    """
+    model.eval()
+    sums, count = defaultdict(float), 0
+    for batch in loader:
+        batch = recursive_to(batch, device)
+        output = model.forward_step(batch, train=False)
+        _, terms = model.compute_loss(batch, output, train=False)
+        for key, value in terms.items():
+            sums[key] += float(value)
+        count += 1
+    if count == 0:
+        raise DataError("the val split is empty: nothing to validate on")
+    return {k: v / count for k, v in sums.items()}
+
+
+@torch.no_grad()
+def data_initialize(model: ProHMRScene, batch: Dict) -> None:
+    """Run the ActNorm data initialisation on ``batch`` now (normally it happens inside the first train step)."""
+    model.train()
+    model.initialize_actnorm(batch, model.conditioning(batch))
+
+
+def open_summary_writer(run_dir: str, logger):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception as exc:  # tensorboard not installed
+        logger.info(f"tensorboard unavailable ({type(exc).__name__}: {exc}); scalars are only logged as text")
+        return None
+    return SummaryWriter(log_dir=run_dir)
+
+
+def log_scalars(writer, prefix: str, values: Dict[str, float], step: int) -> None:
+    if writer is None:
+        return
+    for key, value in values.items():
+        writer.add_scalar(f'{prefix}/{key}', value, step)
+
+
+def format_losses(values: Dict[str, float], keys=('loss', VAL_METRIC, 'loss_v2v_mode', 'loss_nll')) -> str:
+    return ', '.join(f'{k}={values[k]:.4f}' for k in keys if k in values)
+
+
+def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
+    """The whole stage-1 training run; returns a summary (run dir, iterations, val history)."""
+    from tqdm import tqdm
+
+    if args.seed is not None:
+        seed_everything(args.seed)
+    device = get_device(args.gpu_id)
+    run_dir = make_run_dir(args.save_dir, args.run_id)
+    save_run_config(run_dir, args, cfg_path)
+    logger = get_logger(run_dir)
+    logger.info(f"run folder: {run_dir} (device {device})")
+
+    model = build_model(args, cfg, device)
+    train_loader, val_loader, mocap_iter = build_loaders(args, cfg)
+    optimizer, optimizer_disc = make_optimizers(model, cfg)
+    writer = open_summary_writer(run_dir, logger)
+    logger.info(f"train: {len(train_loader.dataset)} frames, {len(train_loader)} iterations/epoch; "
+                f"val: {len(val_loader.dataset)} frames")
+
+    history, best = [], math.inf
+
+    def run_validation(step: int) -> None:
+        nonlocal best
+        val = validate(model, val_loader, device)
+        history.append({'iteration': step, **val})
+        log_scalars(writer, 'val', val, step)
+        improved = val[VAL_METRIC] < best
+        if improved:
+            best = val[VAL_METRIC]
+            save_stage1_checkpoint(model, os.path.join(run_dir, 'best_model.pt'))
+        logger.info(f"[val] iter {step}: {format_losses(val)}" + ('  -> best_model.pt' if improved else ''))
+
+    max_iters = args.max_iters if args.max_iters is not None else math.inf
+    step, last_val_step = 0, None
+    if args.val_at_start:
+        data_initialize(model, recursive_to(next(iter(train_loader)), device))
+        run_validation(0)
+        last_val_step = 0
+    total = min(max_iters, args.num_epoch * len(train_loader))
+    progress = tqdm(total=None if math.isinf(total) else int(total), desc='train', dynamic_ncols=True)
+    for epoch in range(args.num_epoch):
+        if hasattr(train_loader.dataset, 'set_epoch'):
+            train_loader.dataset.set_epoch(epoch)
+        for batch in train_loader:
+            if step >= max_iters:
+                break
+            batch = recursive_to(batch, device)
+            mocap_batch = recursive_to(next(mocap_iter), device)
+            losses = train_step(model, batch, mocap_batch, optimizer, optimizer_disc)
+            step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses['loss']:.3f}")
+            if step % args.log_step == 0:
+                log_scalars(writer, 'train', losses, step)
+                logger.info(f"[train] iter {step}: {format_losses(losses)}")
+            if step % args.val_step == 0:
+                run_validation(step)
+                last_val_step = step
+            if step % args.save_step == 0:
+                save_stage1_checkpoint(model, os.path.join(run_dir, 'last_model.pt'))
+        if step >= max_iters:
+            break
+    progress.close()
+    if step > 0 and last_val_step != step:  # stopped between validations: evaluate and save the final weights
+        run_validation(step)
+    save_stage1_checkpoint(model, os.path.join(run_dir, 'last_model.pt'))
+    if writer is not None:
+        writer.close()
+    logger.info(f"done after {step} iterations; checkpoints in {run_dir}")
+    return {'run_dir': run_dir, 'iterations': step, 'val_history': history, 'best_val': best}

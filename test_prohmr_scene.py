@@ -1,0 +1,145 @@
+"""Evaluate a stage-1 (ProHMR-scene) checkpoint on the EgoBody test split (spec D§5.1, D§6.6).
+
+Prints G-MPJPE, MPJPE, PA-MPJPE, G-V2V, V2V, PA-V2V (mm, mode sample, 24 joints), saves them to
+``<save_root>/output_prohmr_scene_<id>/metrics.json`` and, with ``--save_pred_transl``, the mode translations to
+``.../results.pkl`` (or to the path given as ``--save_pred_transl=PATH``). ``<id>`` is the checkpoint's folder name.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from utils.io import DataError
+from utils.run import str2bool
+
+
+def bool_or_path(value):
+    """``--save_pred_transl``: True/False/1/0, or a path for results.pkl (README form ``--save_pred_transl=PATH``)."""
+    try:
+        return str2bool(value)
+    except argparse.ArgumentTypeError:
+        return str(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--dataset_root', default='/mnt/ssd/egobody_release')
+    p.add_argument('--checkpoint', default='checkpoints/checkpoints_egohmr/53618/best_model.pt')
+    p.add_argument('--model_cfg', default=None, help='model config (default: configs/prohmr.yaml)')
+    p.add_argument('--batch_size', type=int, default=50)
+    p.add_argument('--num_samples', type=int, default=5, help='samples per image (the mode plus num_samples-1)')
+    p.add_argument('--num_workers', type=int, default=4)
+    p.add_argument('--log_freq', type=int, default=100, help='print the running metrics every N batches')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--render', type=str2bool, default=False, help='write JPG renders under --output_render_root')
+    p.add_argument('--render_multi_sample', type=str2bool, default=True, help='render every sample, not only the mode')
+    p.add_argument('--output_render_root', default='output_render')
+    p.add_argument('--render_step', type=int, default=8)
+    p.add_argument('--vis_o3d', type=str2bool, default=False, help='open3d viewer (PNG snapshot when headless)')
+    p.add_argument('--vis_o3d_gt', type=str2bool, default=False)
+    p.add_argument('--vis_step', type=int, default=8)
+    p.add_argument('--save_pred_transl', type=bool_or_path, default=True,
+                   help='save the mode translations (results.pkl); True/False or a file path')
+    p.add_argument('--save_root', default='output_results')
+    p.add_argument('--scene_cano', type=str2bool, default=False)
+    p.add_argument('--scene_type', default='whole_scene', choices=['whole_scene', 'cube'])
+    p.add_argument('--with_focal_length', type=str2bool, default=True)
+    p.add_argument('--with_cam_center', type=str2bool, default=True)
+    p.add_argument('--with_bbox_info', type=str2bool, default=True)
+    p.add_argument('--add_bbox_scale', type=float, default=1.2)
+    p.add_argument('--shuffle', type=str2bool, default=False)
+    # additions to the original flags
+    p.add_argument('--data_dir', default='data', help='folder with smpl/smpl/SMPL_*.pkl and smpl_mean_params.npz')
+    p.add_argument('--scene_downsample_rate', type=int, default=1,
+                   help='keep every k-th scene point (1 = all 20000, as the original; larger = faster on a CPU)')
+    p.add_argument('--gpu_id', type=int, default=0)
+    return p
+
+
+def results_path(save_pred_transl, out_dir: str):
+    """Where results.pkl goes: None (not saved), ``<out_dir>/results.pkl``, or the user's path."""
+    if save_pred_transl is True:
+        return os.path.join(out_dir, 'results.pkl')
+    if save_pred_transl is False:
+        return None
+    path = str(save_pred_transl)
+    return path if path.endswith('.pkl') else os.path.join(path, 'results.pkl')
+
+
+def run(args) -> dict:
+    from torch.utils.data import DataLoader
+
+    from configs import get_config
+    from dataloaders.egobody_dataset import EgoBodyDataset
+    from prohmr_scene.checkpoints import load_stage1_checkpoint
+    from prohmr_scene.evaluate import evaluate
+    from prohmr_scene.model import ProHMRScene
+    from utils.io import atomic_pickle_dump
+    from utils.run import get_device, seed_everything, write_metrics
+
+    seed_everything(args.seed)
+    device = get_device(args.gpu_id)
+    cfg = get_config(args.model_cfg, overrides=['TRAIN.NUM_TEST_SAMPLES', args.num_samples])
+    model = ProHMRScene(cfg, data_dir=args.data_dir, with_focal_length=args.with_focal_length,
+                        with_bbox_info=args.with_bbox_info, with_cam_center=args.with_cam_center,
+                        scene_feat_dim=512, scene_cano=args.scene_cano)
+    load_stage1_checkpoint(model, args.checkpoint)
+    model.to(device).eval()
+
+    dataset = EgoBodyDataset(cfg, args.dataset_root, split='test', data_dir=args.data_dir, spacing=1,
+                             add_scale=args.add_bbox_scale, do_augment=False, scene_type=args.scene_type,
+                             scene_cano=args.scene_cano, scene_downsample_rate=args.scene_downsample_rate)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=args.shuffle, num_workers=args.num_workers)
+
+    model_id = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
+    folder = f'output_prohmr_scene_{model_id}'
+    out_dir = os.path.join(args.save_root, folder)
+    faces = model.smpl.faces.astype('int64')
+    hook = None
+    if args.render:
+        from prohmr_scene.visualize import make_render_hook
+        hook = make_render_hook(args.dataset_root, faces, os.path.join(args.output_render_root, folder),
+                                args.render_step, args.num_samples if args.render_multi_sample else 1)
+    elif args.vis_o3d:
+        from prohmr_scene.visualize import make_open3d_hook, open3d_available
+        if open3d_available():
+            hook = make_open3d_hook(args.dataset_root, faces, os.path.join(args.output_render_root, folder + '_o3d'),
+                                    args.vis_step, args.vis_o3d_gt)
+        else:
+            print("--vis_o3d: open3d is not installed (pip install open3d); continuing without the viewer")
+
+    try:
+        result = evaluate(model, loader, device, log_freq=args.log_freq, on_batch=hook)
+    finally:
+        if hook is not None and hasattr(hook, 'close'):
+            hook.close()
+    print(write_metrics(result['metrics'], os.path.join(out_dir, 'metrics.json'),
+                       title=f"stage-1 test, {result['num_frames']} frames, checkpoint {args.checkpoint}"))
+    pkl = results_path(args.save_pred_transl, out_dir)
+    if pkl:
+        atomic_pickle_dump({'pred_cam_full_list': result['pred_cam_full']}, pkl)
+        print(f"saved mode translations [{len(result['pred_cam_full'])}, 3] to {pkl}")
+    return result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.render and args.vis_o3d:
+        print("error: --render and --vis_o3d cannot be used together", file=sys.stderr)
+        return 2
+    for name in ('batch_size', 'num_samples', 'render_step', 'vis_step'):
+        if getattr(args, name) < 1:
+            print(f"error: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+            return 2
+    try:
+        run(args)
+    except (DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
