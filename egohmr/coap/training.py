@@ -1,11 +1,20 @@
 """Train COAP occupancy weights for any SMPL-format body model (beyond the original repo's scope).
 
 Data: bodies posed with MoCap poses (``cmu_mocap.npz``: ``body_pose`` [M,72], root first) and random shapes.
-For each body, query points are drawn per part, as in COAP's own training data:
-half uniformly inside the part's padded local box (mapped to posed space), half on the part's surface plus
-Gaussian noise. Labels are exact inside/outside tests of the posed closed mesh (generalised winding number), so
-self-intersecting poses are labelled correctly. Points outside every part box are ignored by the loss (their
-occupancy is 0 by construction).
+
+The recipe is built for a CPU budget of a few minutes:
+
+* **A fixed pool of posed training bodies** is prepared once: their part codes (the point encoder keeps its random
+  initial weights, so every body is encoded once), and labelled query points -- uniform in every part box, near
+  the surface (Gaussian offsets of a few mm to a few cm) and uniform in the body's bounding box. Labels are exact
+  inside/outside tests of the posed closed mesh (generalised winding number), so self-intersecting poses are
+  labelled correctly. A training step is then only the two small MLPs on a random batch of (point, part) pairs.
+* **Dense part-wise supervision**, consistent with the max over parts: a point outside the body must get occupancy 0
+  from every part whose box contains it; a point inside the body must get 1 from the part that owns it (the part of
+  its nearest mesh vertex). Every (point, part) pair thus carries a label, instead of only the part with the largest
+  occupancy receiving gradient.
+* The first layer of each MLP splits into a per-point term (the local coordinates) and a per-(body, part) term (the
+  part one-hot and code), computed once per step: the same function, fewer multiplications.
 
 A fixed held-out set (poses never used for training) gives the occupancy IoU (see :class:`HeldOutSet`).
 """
@@ -15,11 +24,12 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.spatial import cKDTree
 
 from egohmr.coap.exact import inside_mesh
 from egohmr.coap.model import COAPBodyModel, apply_transform, rigid_inverse
@@ -30,26 +40,27 @@ from utils.io import load_npz_checked
 
 @dataclass
 class TrainSettings:
-    iters: int = 1500                # optimiser steps
-    batch_size: int = 1              # bodies per step
-    num_points: int = 64             # query points per part and body (half uniform in the box, half near surface)
-    lr: float = 2e-3                 # Adam, cosine-decayed to lr/20
-    surface_sigma: float = 0.01      # metres; Gaussian offset of the near-surface points
-    train_encoder: bool = False      # False: keep the random point encoder (its codes still describe each part)
-    train_surface_samples: int = 1000  # encoder points per part while training (1000 at evaluation / use)
-    steps_per_body: int = 4          # with a frozen encoder, each posed batch is encoded once and used this often
+    iters: int = 600                 # optimiser steps
+    batch_size: int = 2048           # (query point, part) pairs per step
+    lr: float = 3e-3                 # Adam, cosine-decayed to lr/50
+    pool_bodies: int = 24            # posed training bodies prepared up front
+    box_points: int = 512            # per part and body: uniform in the part's padded box
+    surface_points: int = 4096       # per body: on the surface plus a Gaussian offset of one of surface_sigmas
+    volume_points: int = 2048        # per body: uniform in its bounding box grown by 5 cm
+    surface_sigmas: Tuple[float, ...] = (0.005, 0.015, 0.04)   # metres
     beta_std: float = 0.7            # random shape coefficients ~ N(0, beta_std^2), clipped to +-2 beta_std
     decoder_radius: float = 0.1      # metres; IGR initial sphere of the decoder
     coord_gain: float = 10.0         # initial gain of the weights reading local coordinates (metres are small)
-    part_gain: float = 1.0           # initial gain of the weights reading the part one-hot
     heldout_fraction: float = 0.1    # share of the MoCap poses kept for evaluation
     eval_bodies: int = 16
-    eval_points: int = 8192          # volume points per held-out body (and half as many near-surface points)
+    eval_points: int = 8192          # volume points per held-out body
+    eval_surface_points: int = 4096  # near-surface points per held-out body (secondary metric)
+    eval_sigma: float = 0.01         # metres; offset of the held-out near-surface points
     seed: int = 0
 
 
 def load_mocap(path: str):
-    """``(pose [M,72], betas [M,10])`` float32 from a MoCap npz (``body_pose`` with the root first)."""
+    """Poses ``[M,72]`` float32 from a MoCap npz (``body_pose`` with the root first)."""
     data = load_npz_checked(path, ['body_pose'], what='MoCap pose file', shapes={'body_pose': (None, 72)})
     pose = data['body_pose'].astype(np.float32)
     if len(pose) < 2:
@@ -72,39 +83,32 @@ def pose_bodies(body_model, pose: torch.Tensor, betas: torch.Tensor):
     return SimpleNamespace(vertices=out.vertices, joints=out.joints, full_pose=out.full_pose)
 
 
-def sample_query_points(coap: COAPBodyModel, body, num_per_part: int, sigma: float,
-                        generator: Optional[torch.Generator] = None):
-    """Per-part query points ``(uniform [B, 16*nu, 3], surface [B, 16*ns, 3])`` in posed space."""
+def shape_samples(n: int, num_betas: int, std: float, generator: torch.Generator) -> torch.Tensor:
+    """Random shape coefficients ``[n, num_betas]`` ~ N(0, std^2), clipped to +-2 std."""
+    betas = torch.randn(n, num_betas, generator=generator, device=generator.device) * std
+    return betas.clamp(-2 * std, 2 * std)
+
+
+def sample_part_box_points(coap: COAPBodyModel, body, num_per_part: int,
+                           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Points ``[B, 16*n, 3]`` (posed space) uniform in every part's padded local box."""
     with torch.no_grad():
-        batch = body.vertices.shape[0]
-        num_uniform = num_per_part // 2
-        num_surface = num_per_part - num_uniform
         bone_trans = coap.compute_bone_trans(body.full_pose, body.joints)
         lo, hi = coap.part_bounds(body.vertices, bone_trans)
-        # Slightly inside the padded box so box tests at query time keep every point.
-        size = (hi - lo) * coap.bbox_padding * 0.999
-        center = 0.5 * (lo + hi)
-        device = body.vertices.device
-        unit = torch.rand(batch, NUM_PARTS, num_uniform, 3, generator=generator, device=device)
-        local = center + (unit - 0.5) * size
-        uniform = apply_transform(rigid_inverse(bone_trans), local)
-        surface = sample_points_on_faces(body.vertices, coap.partitioner.tight_face_tensor, num_surface,
-                                         generator=generator)
-        surface = surface + sigma * torch.randn(surface.shape, generator=generator, device=device)
-    return uniform.reshape(batch, -1, 3), surface.reshape(batch, -1, 3)
+        size = (hi - lo) * coap.bbox_padding * 0.999   # strictly inside, so box tests keep every point
+        unit = torch.rand(lo.shape[0], NUM_PARTS, num_per_part, 3, generator=generator, device=lo.device)
+        local = 0.5 * (lo + hi) + (unit - 0.5) * size
+        return apply_transform(rigid_inverse(bone_trans), local).reshape(lo.shape[0], -1, 3)
 
 
-def inside_labels(vertices: torch.Tensor, faces: np.ndarray, points: torch.Tensor) -> torch.Tensor:
-    """Exact inside/outside labels ``[B, N]`` (float) of ``points [B, N, 3]`` for posed meshes ``[B, V, 3]``."""
-    labels = [inside_mesh(vertices[b], faces, points[b]) for b in range(points.shape[0])]
-    return torch.from_numpy(np.stack(labels)).float().to(points.device)
-
-
-def iou(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Intersection over union of two boolean masks (1.0 when both are empty)."""
-    pred, target = pred.bool(), target.bool()
-    union = (pred | target).sum().item()
-    return 1.0 if union == 0 else (pred & target).sum().item() / union
+def sample_near_surface(vertices: torch.Tensor, faces: torch.Tensor, num: int, sigmas,
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Points ``[B, num, 3]``: area-uniform on the mesh plus N(0, s^2) offsets, s drawn from ``sigmas`` per point."""
+    with torch.no_grad():
+        points = sample_points_on_faces(vertices, faces[None], num, generator=generator)[:, 0]
+        sigmas = torch.as_tensor(sigmas, dtype=points.dtype, device=points.device)
+        pick = torch.randint(len(sigmas), points.shape[:2] + (1,), generator=generator, device=points.device)
+        return points + sigmas[pick] * torch.randn(points.shape, generator=generator, device=points.device)
 
 
 def sample_box_points(vertices: torch.Tensor, num: int, margin: float,
@@ -116,13 +120,125 @@ def sample_box_points(vertices: torch.Tensor, num: int, margin: float,
     return lo + unit * (hi - lo)
 
 
+def inside_labels(vertices: torch.Tensor, faces: np.ndarray, points: torch.Tensor) -> torch.Tensor:
+    """Exact inside/outside labels ``[B, N]`` (float) of ``points [B, N, 3]`` for posed meshes ``[B, V, 3]``."""
+    labels = [inside_mesh(vertices[b], faces, points[b]) for b in range(points.shape[0])]
+    return torch.from_numpy(np.stack(labels)).float().to(points.device)
+
+
+def vertex_parts(coap: COAPBodyModel) -> torch.Tensor:
+    """Part index ``[V]`` of every mesh vertex (from the partitioner's per-part vertex lists)."""
+    selector = coap.partitioner.tight_vert_selector
+    parts = torch.full((int(selector.max()) + 1,), -1, dtype=torch.long)
+    for k in range(selector.shape[0]):
+        parts[selector[k]] = k
+    return parts
+
+
+def owner_parts(vertices: torch.Tensor, points: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+    """The part ``[B, N]`` owning each point: the part of its nearest mesh vertex."""
+    owners = []
+    for b in range(points.shape[0]):
+        _, nearest = cKDTree(vertices[b].cpu().numpy()).query(points[b].cpu().numpy())
+        owners.append(parts[torch.from_numpy(nearest)])
+    return torch.stack(owners).to(points.device)
+
+
+def iou(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Intersection over union of two boolean masks (1.0 when both are empty)."""
+    pred, target = pred.bool(), target.bool()
+    union = (pred | target).sum().item()
+    return 1.0 if union == 0 else (pred & target).sum().item() / union
+
+
+@dataclass
+class PairPool:
+    """Labelled (query point, part) pairs of a pool of encoded training bodies.
+
+    ``latent [B,16,128]`` part codes; per pair ``body``, ``part`` (indices), ``local [P,3]`` (point in the part
+    frame, inside its box) and ``target`` (1: the point is inside the body and the part owns it; 0: outside).
+    """
+
+    latent: torch.Tensor
+    body: torch.Tensor
+    part: torch.Tensor
+    local: torch.Tensor
+    target: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+
+def build_pair_pool(coap: COAPBodyModel, body, faces: np.ndarray, settings: TrainSettings,
+                    generator: torch.Generator) -> PairPool:
+    """Encode the posed bodies ``body`` and label their query points as (point, part) pairs (see :class:`PairPool`)."""
+    with torch.no_grad():
+        code = coap.encode_body(body)
+        latent = code['latent_code'].detach().clone()
+        faces_t = torch.as_tensor(faces, device=body.vertices.device)
+        points = torch.cat([
+            sample_part_box_points(coap, body, settings.box_points, generator),
+            sample_near_surface(body.vertices, faces_t, settings.surface_points, settings.surface_sigmas,
+                                generator),
+            sample_box_points(body.vertices, settings.volume_points, 0.05, generator),
+        ], dim=1)
+        inside_body = inside_labels(body.vertices, faces, points)                           # [B, N]
+        owners = owner_parts(body.vertices, points, vertex_parts(coap).to(points.device))   # [B, N]
+        local = apply_transform(code['bone_trans'], points[:, None])                      # [B, 16, N, 3]
+        in_box = ((local - code['bbox_center']).abs() < 0.5 * code['bbox_size']).all(dim=-1)
+        b_idx, k_idx, n_idx = in_box.nonzero(as_tuple=True)
+        target = inside_body[b_idx, n_idx]
+        labelled = (target == 0) | (owners[b_idx, n_idx] == k_idx)
+        b_idx, k_idx, n_idx = b_idx[labelled], k_idx[labelled], n_idx[labelled]
+        coap.detach_cache()
+        return PairPool(latent=latent, body=b_idx, part=k_idx, local=local[b_idx, k_idx, n_idx],
+                        target=target[labelled])
+
+
+def pair_logits(coap: COAPBodyModel, latent: torch.Tensor, body: torch.Tensor, part: torch.Tensor,
+                local: torch.Tensor) -> torch.Tensor:
+    """Decoder logits ``[P]`` of (point, part) pairs; the same function as :meth:`COAPBodyModel.query` uses.
+
+    The query encoder's input is ``[local (3), 1, one-hot part (16), code (128)]``. Its first layer and its skip
+    layer are split into ``W_local @ local`` (per pair) and the rest (per body and part, ``[B, 16, width]``,
+    gathered), which saves most of their multiplications.
+    """
+    net = coap.query_encoder
+    d_in = net.d_in
+
+    def per_part_term(layer: torch.nn.Linear) -> torch.Tensor:
+        weight = layer.weight[:, layer.in_features - d_in:]                    # columns reading the net input
+        term = latent @ weight[:, 4 + NUM_PARTS:].t() + weight[:, 4:4 + NUM_PARTS].t() + weight[:, 3]
+        return term[body, part]
+
+    def first_input_layer(layer: torch.nn.Linear, x: Optional[torch.Tensor]) -> torch.Tensor:
+        weight = layer.weight[:, layer.in_features - d_in:]
+        out = local @ weight[:, :3].t() + per_part_term(layer)
+        if x is not None:
+            out = out + x @ layer.weight[:, :layer.in_features - d_in].t()
+        return out
+
+    x = None
+    for i in range(net.num_linear):
+        layer = getattr(net, f'lin{i}')
+        if i == 0:
+            x = first_input_layer(layer, None) + layer.bias
+        elif i in net.skip_in:
+            x = first_input_layer(layer, x) / math.sqrt(2.0) + layer.bias
+        else:
+            x = layer(x)
+        if i < net.num_linear - 1:
+            x = net.activation(x)
+    return coap.decoder(torch.cat([local, x], dim=-1))[:, 0]
+
+
 class HeldOutSet:
     """Fixed held-out bodies, query points and labels.
 
     * volume points: uniform in the body's bounding box (5 cm margin); their IoU is the reported ``iou``
       (the volumetric IoU of predicted and true body occupancy, as in Occupancy Networks);
-    * near-surface points: per part, on its surface plus N(0, sigma^2) noise (COAP's ``iou_surf``, a much
-      stricter number that measures the surface position to within a few millimetres).
+    * near-surface points: on the surface plus N(0, sigma^2) noise (``iou_surface``, a much stricter number that
+      measures the surface position to within a few millimetres).
     """
 
     def __init__(self, coap: COAPBodyModel, body_model, faces: np.ndarray, pose: np.ndarray,
@@ -132,8 +248,8 @@ class HeldOutSet:
         betas = shape_samples(len(pose), body_model.num_betas, settings.beta_std, gen)
         self.body = pose_bodies(body_model, pose, betas)
         self.volume = sample_box_points(self.body.vertices, settings.eval_points, 0.05, gen)
-        _, self.surface = sample_query_points(coap, self.body, 2 * settings.eval_points // NUM_PARTS,
-                                              settings.surface_sigma, gen)
+        self.surface = sample_near_surface(self.body.vertices, torch.as_tensor(faces),
+                                           settings.eval_surface_points, (settings.eval_sigma,), gen)
         self.volume_labels = inside_labels(self.body.vertices, faces, self.volume)
         self.surface_labels = inside_labels(self.body.vertices, faces, self.surface)
         self.seed = settings.seed + 2
@@ -162,39 +278,23 @@ class HeldOutSet:
                 'iou_surface': iou(torch.cat(pred_surface), self.surface_labels)}
 
 
-def shape_samples(n: int, num_betas: int, std: float, generator: torch.Generator) -> torch.Tensor:
-    """Random shape coefficients ``[n, num_betas]`` ~ N(0, std^2), clipped to +-2 std."""
-    betas = torch.randn(n, num_betas, generator=generator, device=generator.device) * std
-    return betas.clamp(-2 * std, 2 * std)
-
-
-def occupancy_loss(coap: COAPBodyModel, body, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of the body occupancy on the points inside at least one part box."""
-    occupancy, extra = coap.query(points, body, ret_intermediate=True)
-    keep = ~extra['all_out']
-    if not bool(keep.any()):
-        return occupancy.sum() * 0.0
-    occupancy = occupancy[keep].clamp(1e-6, 1.0 - 1e-6)
-    return F.binary_cross_entropy(occupancy, labels[keep])
-
-
 def initialise_for_training(coap: COAPBodyModel, settings: TrainSettings) -> None:
-    """Start-up initialisation: IGR sphere of ``decoder_radius`` and amplified coordinate / part inputs."""
+    """Start-up initialisation: IGR sphere of ``decoder_radius`` and amplified coordinate inputs."""
     coap.decoder.geometric_init_(settings.decoder_radius)
     coap.query_encoder.scale_input_weights_(range(3), settings.coord_gain)
-    coap.query_encoder.scale_input_weights_(range(4, 4 + NUM_PARTS), settings.part_gain)
     coap.decoder.scale_input_weights_(range(3), settings.coord_gain)
 
 
 def train_coap(body_model, pose: np.ndarray, settings: TrainSettings,
                progress: Optional[Callable[[int, float], None]] = None, device: str = 'cpu',
-               eval_every: int = 0):
+               log: Optional[Callable[[str], None]] = None):
     """Train a fresh :class:`COAPBodyModel` for ``body_model`` on MoCap poses.
 
     Returns ``(coap, metrics)`` with the held-out IoUs, the final training loss and the wall time.
-    ``progress(step, loss)`` is called after every step.
+    ``progress(step, loss)`` is called after every step, ``log(message)`` after each preparation stage.
     """
     start_time = time.time()
+    log = log or (lambda message: None)
     torch.manual_seed(settings.seed)
     coap = COAPBodyModel(body_model)
     initialise_for_training(coap, settings)
@@ -204,42 +304,32 @@ def train_coap(body_model, pose: np.ndarray, settings: TrainSettings,
 
     coap.to(device)
     body_model = body_model.to(device)
-    coap.encoder.requires_grad_(settings.train_encoder)
-    optimizer = torch.optim.Adam([p for p in coap.parameters() if p.requires_grad], lr=settings.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(step, settings.iters)
-                                                                      / max(1, settings.iters))))
     gen = torch.Generator(device=device).manual_seed(settings.seed + 3)
+    index = torch.randint(len(train_pose), (settings.pool_bodies,), generator=gen, device=device)
+    betas = shape_samples(settings.pool_bodies, body_model.num_betas, settings.beta_std, gen)
+    bodies = pose_bodies(body_model, torch.from_numpy(train_pose[index.cpu().numpy()]).to(device), betas)
+    pool = build_pair_pool(coap, bodies, faces, settings, gen)
+    log(f"{settings.pool_bodies} training bodies, {len(pool)} labelled (point, part) pairs "
+        f"({time.time() - start_time:.0f} s)")
+
+    params = list(coap.query_encoder.parameters()) + list(coap.decoder.parameters())
+    optimizer = torch.optim.Adam(params, lr=settings.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(step, settings.iters)
+                                                                      / max(1, settings.iters))))
     loss_value = float('nan')
-    eval_samples = coap.num_surface_samples
-    coap.num_surface_samples = settings.train_surface_samples
     coap.train()
-    try:
-        reuse = 1 if settings.train_encoder else max(1, settings.steps_per_body)
-        body = None
-        for step in range(settings.iters):
-            if step % reuse == 0:
-                coap.detach_cache()
-                index = torch.randint(len(train_pose), (settings.batch_size,), generator=gen, device=device)
-                pose_b = torch.from_numpy(train_pose[index.cpu().numpy()]).to(device)
-                betas = shape_samples(settings.batch_size, body_model.num_betas, settings.beta_std, gen)
-                body = pose_bodies(body_model, pose_b, betas)
-            uniform, surface = sample_query_points(coap, body, settings.num_points, settings.surface_sigma, gen)
-            points = torch.cat([uniform, surface], dim=1)
-            loss = occupancy_loss(coap, body, points, inside_labels(body.vertices, faces, points))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_value = float(loss.item())
-            if progress is not None:
-                progress(step, loss_value)
-            if eval_every and (step + 1) % eval_every == 0 and step + 1 < settings.iters:
-                print(f"step {step + 1}: held-out {heldout.evaluate(coap)}", flush=True)
-                coap.detach_cache()
-    finally:
-        coap.num_surface_samples = eval_samples
-        coap.encoder.requires_grad_(True)
+    for step in range(settings.iters):
+        pick = torch.randint(len(pool), (settings.batch_size,), generator=gen, device=device)
+        logits = pair_logits(coap, pool.latent, pool.body[pick], pool.part[pick], pool.local[pick])
+        loss = F.binary_cross_entropy_with_logits(-logits, pool.target[pick])   # occupancy = sigmoid(-logit)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        loss_value = float(loss.item())
+        if progress is not None:
+            progress(step, loss_value)
     coap.eval()
     metrics = heldout.evaluate(coap.cpu())
     metrics.update(final_loss=loss_value, seconds=time.time() - start_time, settings=asdict(settings))

@@ -1,0 +1,163 @@
+"""Glue between the stage-2 model and a body-occupancy model (COAP) (spec models.md §5.4-§5.8).
+
+Everything happens in the canonical frame: scene points minus the input translation, and the neutral SMPL body of
+the predicted pose and betas without translation. Only the scene points inside each body's axis-aligned vertex box are
+queried; the original loops over bodies one at a time, we pad the per-body point sets and run the batch at once
+(same values, see :func:`gather_box_points`).
+
+An occupancy model is any object with ``query(points [1,T,3], body) -> [1,T]`` and
+``collision_loss(points, body) -> [1]``, where ``body`` has ``vertices``, ``joints`` and axis-angle ``full_pose [1,72]``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from smplx.utils import SMPLOutput
+
+from utils.body_model import NUM_SMPL_JOINTS
+from utils.geometry import rot6d_to_rotmat, rotmat_to_aa
+
+OCCUPANCY_LEVEL = 0.5
+# Training loss: with more than this many points in the body box, only those among the first 4000 stored points are
+# kept (spec §5.5 / quirk 10; reproduced for parity).
+TRAIN_POINT_CAP = 4000
+# Guidance gradient weight per SMPL joint (spec §5.7 steps 7-8): hips x1; knees, ankles, feet x2; the rest 0.
+GUIDANCE_JOINT_WEIGHTS = torch.zeros(NUM_SMPL_JOINTS)
+GUIDANCE_JOINT_WEIGHTS[[1, 2]] = 1.0
+GUIDANCE_JOINT_WEIGHTS[[4, 5, 7, 8, 10, 11]] = 2.0
+COLLISION_MODELS = ('coap', 'exact')
+# Padding for per-body point sets: far outside any body part box (occupancy exactly 0).
+FAR_POINT = 1.0e4
+
+
+def body_for_occupancy(vertices: torch.Tensor, joints: torch.Tensor, rotmats: torch.Tensor) -> SMPLOutput:
+    """An smplx-style output with axis-angle ``full_pose [B,72]`` (differentiable rotmat -> quaternion -> aa)."""
+    bs = vertices.shape[0]
+    full_pose = rotmat_to_aa(rotmats.reshape(-1, 3, 3)).reshape(bs, 3 * NUM_SMPL_JOINTS)
+    return SMPLOutput(vertices=vertices, joints=joints, full_pose=full_pose)
+
+
+def points_in_body_box(points: torch.Tensor, vertices: torch.Tensor) -> torch.Tensor:
+    """``[P]`` bool: points ``[P,3]`` inside the (inclusive, detached) axis-aligned box of ``vertices [V,3]``."""
+    vertices = vertices.detach()
+    lo, hi = vertices.min(dim=0).values, vertices.max(dim=0).values
+    return ((points >= lo) & (points <= hi)).all(dim=-1)
+
+
+def box_mask_with_cap(points: torch.Tensor, vertices: torch.Tensor, max_point_index: Optional[int]) -> torch.Tensor:
+    """:func:`points_in_body_box`, then, if more than ``max_point_index`` points qualify, drop every index
+    ``>= max_point_index`` of the stored array (not "keep 4000 of the qualifying points"; spec quirk 10)."""
+    mask = points_in_body_box(points, vertices)
+    if max_point_index is not None and int(mask.sum()) > max_point_index:
+        mask[max_point_index:] = False
+    return mask
+
+
+def gather_box_points(scene_points: torch.Tensor, vertices: torch.Tensor,
+                      max_point_index: Optional[int] = None):
+    """Per body, the scene points in its box, padded into one ``[B, T, 3]`` tensor (T = the largest count).
+
+    Padding rows hold :data:`FAR_POINT`, outside every part box, so their occupancy is exactly 0 and they change
+    neither the collision loss nor the colliding-point count. This lets the occupancy model run once for the batch
+    instead of once per body (the original's loop), with the same result. Returns (points, counts [B]).
+    """
+    masks = [box_mask_with_cap(scene_points[i], vertices[i], max_point_index) for i in range(scene_points.shape[0])]
+    counts = [int(m.sum()) for m in masks]
+    padded = scene_points.new_full((scene_points.shape[0], max(counts + [0]), 3), FAR_POINT)
+    for i, mask in enumerate(masks):
+        padded[i, :counts[i]] = scene_points[i][mask]
+    return padded, counts
+
+
+def per_body_losses(occupancy_model, scene_points: torch.Tensor, body: SMPLOutput,
+                    max_point_index: Optional[int] = None) -> torch.Tensor:
+    """Per-body collision loss ``[B]`` (0 where no scene point is in the body box); differentiable w.r.t. the body."""
+    points, counts = gather_box_points(scene_points, body.vertices, max_point_index)
+    if max(counts) == 0:
+        return body.vertices.new_zeros(scene_points.shape[0]) * body.vertices.sum()
+    return occupancy_model.collision_loss(points, body).reshape(-1)
+
+
+def penetration_loss(occupancy_model, scene_points, vertices, joints, rotmats,
+                     max_point_index: Optional[int] = TRAIN_POINT_CAP) -> torch.Tensor:
+    """Training penetration loss per sample ``[B]`` (spec §5.5); the caller takes the mean."""
+    return per_body_losses(occupancy_model, scene_points, body_for_occupancy(vertices, joints, rotmats),
+                           max_point_index)
+
+
+@torch.no_grad()
+def collision_ratio(occupancy_model, scene_points, vertices, joints, rotmats) -> np.ndarray:
+    """``#(occupancy > 0.5) / P`` per body ``[B]`` (P = all scene points of that frame; spec §5.6, D§5.2)."""
+    body = body_for_occupancy(vertices, joints, rotmats)
+    points, counts = gather_box_points(scene_points, body.vertices)
+    if max(counts) == 0:
+        return np.zeros(scene_points.shape[0])
+    occupancy = occupancy_model.query(points, body)
+    return ((occupancy > OCCUPANCY_LEVEL).sum(dim=1).double() / scene_points.shape[1]).cpu().numpy()
+
+
+def collision_guidance_gradient(model, x_t: torch.Tensor, betas: torch.Tensor, scene_points: torch.Tensor,
+                                occupancy_model=None) -> Optional[torch.Tensor]:
+    """The original's guidance gradient ``[B,144]`` (spec §5.7), or None when no body touches any scene point.
+
+    The gradient of ``-mean_i L_i`` is taken w.r.t. the DE-normalised 6D pose of the noisy input ``x_t`` (betas
+    detached), then weighted per joint by :data:`GUIDANCE_JOINT_WEIGHTS`. Callers add it in normalised space
+    without the ``Xstd`` factor (quirk 2).
+    """
+    occupancy_model = occupancy_model if occupancy_model is not None else model.coap
+    with torch.enable_grad():
+        pose_6d = model.denormalize_pose(x_t.detach()).requires_grad_(True)
+        bs = pose_6d.shape[0]
+        rotmats = rot6d_to_rotmat(pose_6d, mode='diffusion').reshape(bs, NUM_SMPL_JOINTS, 3, 3)
+        smpl_out = model.smpl(global_orient=rotmats[:, :1], body_pose=rotmats[:, 1:], betas=betas.detach(),
+                              pose2rot=False)
+        body = body_for_occupancy(smpl_out.vertices, smpl_out.joints, rotmats)
+        losses = per_body_losses(occupancy_model, scene_points, body, max_point_index=None)
+        if not bool((losses != 0).any()):
+            return None
+        grad = torch.autograd.grad(-losses.mean(), pose_6d)[0]
+    weights = GUIDANCE_JOINT_WEIGHTS.to(grad.device, grad.dtype)
+    return (grad.reshape(bs, NUM_SMPL_JOINTS, 6) * weights[None, :, None]).reshape(bs, -1).detach()
+
+
+def make_guidance_fn(model, occupancy_model=None) -> Callable:
+    """A ``guidance_fn(batch, x_t, t, outputs)`` hook for the diffusion sampling loops.
+
+    Uses the step's predicted betas and the canonical scene points of the cached condition. Returns zeros (not
+    None) when nothing collides, so an all-zero step still runs the guided update as the original does.
+    """
+    def guidance_fn(batch, x_t, t, outputs):
+        grad = collision_guidance_gradient(model, x_t, outputs['pred_smpl_params']['betas'],
+                                           outputs['condition']['scene_points'], occupancy_model)
+        return torch.zeros_like(x_t) if grad is None else grad
+    return guidance_fn
+
+
+def build_occupancy_model(model, name: str = 'coap', coap_checkpoint: Optional[str] = None):
+    """The occupancy model used for guidance and the collision metric.
+
+    ``'coap'``: the model's ``smpl.coap`` (weights from the stage-2 checkpoint, or ``coap_checkpoint`` if given).
+    ``'exact'``: an exact inside/outside test of the posed mesh from ``egohmr.coap.exact`` (if that module exists);
+    it must provide ``build_exact_occupancy(smpl)`` or a class ``ExactOccupancy(smpl)`` with the COAP interface.
+    """
+    if name not in COLLISION_MODELS:
+        raise ValueError(f"--collision_model must be one of {COLLISION_MODELS}, got {name!r}")
+    if name == 'coap':
+        if model.coap is None:
+            raise ValueError("--collision_model coap needs COAP (the egohmr.coap package); "
+                             "or set --eval_coll_loss False --with_coap_grad False")
+        if coap_checkpoint:
+            from egohmr.coap.checkpoint import load_coap_checkpoint
+            load_coap_checkpoint(model.coap, coap_checkpoint)
+        return model.coap
+    try:
+        exact = importlib.import_module('egohmr.coap.exact')
+    except ImportError as exc:
+        raise ValueError(f"--collision_model exact needs egohmr/coap/exact.py ({exc})") from exc
+    factory = getattr(exact, 'build_exact_occupancy', None) or getattr(exact, 'ExactOccupancy', None)
+    if factory is None:
+        raise ValueError("egohmr.coap.exact provides neither build_exact_occupancy nor ExactOccupancy")
+    return factory(model.smpl)

@@ -1,0 +1,152 @@
+"""Modulated graph convolution network over the 24 SMPL joints (the stage-2 denoiser, spec models.md §2.4).
+
+Parameter names follow the released checkpoints: ``gconv_input.0.{gconv,bn}``, ``gconv_layers.k.gconv{1,2}.{gconv,bn}``
+and ``gconv_output``; every graph convolution holds ``W [2,in,out]``, ``M [24,out]``, ``adj2 [24,24]`` and ``bias``.
+The fixed skeleton adjacency is a non-persistent buffer (not in the state_dict) rebuilt by :func:`smpl_adjacency`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from utils.body_model import NUM_SMPL_JOINTS, SMPL_EDGES
+
+GCN_WEIGHT_GAIN = 1.414
+ADJ_OFFSET_INIT = 1e-6
+
+
+def smpl_adjacency(edges: Sequence[Tuple[int, int]] = SMPL_EDGES, num_nodes: int = NUM_SMPL_JOINTS) -> torch.Tensor:
+    """The fixed adjacency ``[J, J]``: symmetric 0/1 skeleton edges, row-normalised by degree, then diagonal = 1.
+
+    Row ``i`` holds ``1/deg(i)`` at the neighbours of ``i`` (degree counted without self loops), so the matrix is
+    not symmetric (e.g. row 0 has 1/3 at joints 1, 2, 3 while row 3 has 1/2 at joint 0).
+    """
+    adj = torch.zeros(num_nodes, num_nodes)
+    for a, b in edges:
+        adj[a, b] = adj[b, a] = 1.0
+    degree = adj.sum(dim=1, keepdim=True)
+    adj = torch.where(degree > 0, adj / degree.clamp_min(1.0), adj)
+    adj.fill_diagonal_(1.0)
+    return adj
+
+
+class ModulatedGraphConv(nn.Module):
+    """Graph convolution with separate self/neighbour weights, per-node output modulation and a learned
+    dense adjacency offset.
+
+    ``out = (A*I) (M * X W0) + (A*(1-I)) (M * X W1) + bias`` with ``A = sym(adj + adj2)``, ``sym(B) = (B + B^T)/2``.
+    Input ``[B, J, in]`` -> output ``[B, J, out]``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, adj: torch.Tensor):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        num_nodes = adj.shape[0]
+        self.W = nn.Parameter(torch.empty(2, in_features, out_features))
+        self.M = nn.Parameter(torch.empty(num_nodes, out_features))
+        self.adj2 = nn.Parameter(torch.full((num_nodes, num_nodes), ADJ_OFFSET_INIT))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        # PyTorch's fan rules for a 3-D tensor: fan_in = in*out, fan_out = 2*out.
+        nn.init.xavier_uniform_(self.W, gain=GCN_WEIGHT_GAIN)
+        nn.init.xavier_uniform_(self.M, gain=GCN_WEIGHT_GAIN)
+        bound = 1.0 / math.sqrt(out_features)
+        nn.init.uniform_(self.bias, -bound, bound)
+        # Fixed skeleton adjacency: a non-persistent buffer (follows .to(device), never saved).
+        self.register_buffer('adj', adj.detach().clone().float(), persistent=False)
+
+    def effective_adjacency(self) -> torch.Tensor:
+        """``sym(adj + adj2)``."""
+        adj = self.adj + self.adj2
+        return (adj + adj.t()) / 2
+
+    def project(self, x: torch.Tensor, start: int = 0, stop: int = None):
+        """``(x W0[start:stop], x W1[start:stop])``: the input channels ``start:stop`` given as ``x``.
+
+        Projections of disjoint channel ranges add up to the projection of their concatenation, so a constant part
+        of the input can be projected once and reused (see :meth:`ModulatedGCN.forward`).
+        """
+        return torch.matmul(x, self.W[0, start:stop]), torch.matmul(x, self.W[1, start:stop])
+
+    def aggregate(self, h_self: torch.Tensor, h_neigh: torch.Tensor) -> torch.Tensor:
+        """Modulate the projections and mix them over the graph (self / neighbour terms), add the bias."""
+        adj = self.effective_adjacency()
+        eye = torch.eye(adj.shape[0], dtype=adj.dtype, device=adj.device)
+        out = torch.matmul(adj * eye, h_self * self.M) + torch.matmul(adj * (1 - eye), h_neigh * self.M)
+        return out + self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aggregate(*self.project(x))
+
+    def extra_repr(self) -> str:
+        return f'{self.in_features} -> {self.out_features}'
+
+
+class GraphConvBlock(nn.Module):
+    """``ModulatedGraphConv`` -> BatchNorm over channels (statistics over batch x joints) -> ReLU."""
+
+    def __init__(self, in_features: int, out_features: int, adj: torch.Tensor, p_dropout: float = 0.0):
+        super().__init__()
+        self.gconv = ModulatedGraphConv(in_features, out_features, adj)
+        self.bn = nn.BatchNorm1d(out_features)
+        self.relu = nn.ReLU()
+        # The original applies dropout between two ReLUs; with the default p = 0 it is the identity.
+        self.dropout = nn.Dropout(p_dropout) if p_dropout > 0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.gconv(x))
+
+    def activate(self, x: torch.Tensor) -> torch.Tensor:
+        """BatchNorm + ReLU of a graph-convolution output ``[B, J, C]``."""
+        x = self.bn(x.transpose(1, 2)).transpose(1, 2)
+        if self.dropout is not None:
+            x = self.dropout(self.relu(x))
+        return self.relu(x)
+
+
+class ResGraphConvBlock(nn.Module):
+    """``x + gconv2(gconv1(x))`` (no activation after the sum)."""
+
+    def __init__(self, dim: int, adj: torch.Tensor, p_dropout: float = 0.0):
+        super().__init__()
+        self.gconv1 = GraphConvBlock(dim, dim, adj, p_dropout)
+        self.gconv2 = GraphConvBlock(dim, dim, adj, p_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gconv2(self.gconv1(x))
+
+
+class ModulatedGCN(nn.Module):
+    """Input block (in -> hid), ``num_layers`` residual blocks, bare output convolution (hid -> out).
+
+    Defaults match EgoHMR: in 3718, hid 1024, 4 blocks, out 6 (one 6D rotation per joint).
+    """
+
+    def __init__(self, in_dim: int = 3718, hid_dim: int = 1024, out_dim: int = 6, num_layers: int = 4,
+                 p_dropout: float = 0.0, adj: torch.Tensor = None):
+        super().__init__()
+        adj = smpl_adjacency() if adj is None else adj
+        self.in_dim = in_dim
+        self.gconv_input = nn.Sequential(GraphConvBlock(in_dim, hid_dim, adj, p_dropout))
+        self.gconv_layers = nn.Sequential(*[ResGraphConvBlock(hid_dim, adj, p_dropout) for _ in range(num_layers)])
+        self.gconv_output = ModulatedGraphConv(hid_dim, out_dim, adj)
+
+    def project_leading(self, x_leading: torch.Tensor):
+        """Input-layer projections of the first ``x_leading.shape[-1]`` input channels (see :meth:`forward`)."""
+        return self.gconv_input[0].gconv.project(x_leading, 0, x_leading.shape[-1])
+
+    def forward(self, x: torch.Tensor, leading=None) -> torch.Tensor:
+        """``x [B, J, in_dim]`` -> ``[B, J, out_dim]``.
+
+        With ``leading = (h_self, h_neigh)`` from :meth:`project_leading`, ``x`` holds only the remaining (last)
+        input channels: the result equals the full call on the concatenated input (up to float rounding).
+        """
+        first = self.gconv_input[0]
+        if leading is None:
+            h = first(x)
+        else:
+            d_self, d_neigh = first.gconv.project(x, self.in_dim - x.shape[-1], self.in_dim)
+            h = first.activate(first.gconv.aggregate(leading[0] + d_self, leading[1] + d_neigh))
+        return self.gconv_output(self.gconv_layers(h))

@@ -1,0 +1,219 @@
+"""Stage-2 training loop (spec models.md §2.7), as functions; ``train_egohmr.py`` only parses flags.
+
+Per iteration: draw ``t`` uniformly (numpy's global RNG), noise the normalised GT pose to ``x_t``, predict x0 in one
+step (condition dropout active), SMPL-space losses, AdamW step. Every ``val_step`` iterations the val split is
+sampled with DDIM-5 (or DDPM) from fresh noise and ``best_model_vis.pt`` is written when the visible-joint
+pelvis-aligned error improves; ``last_model.pt`` every ``save_step`` iterations and at the end.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from typing import Dict, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from diffusion import UniformSampler, create_gaussian_diffusion
+from egohmr.checkpoints import load_backbone_from_prohmr, save_egohmr_checkpoint
+from egohmr.losses import DEFAULT_LOSS_WEIGHTS
+from egohmr.model import EgoHMR
+from prohmr_scene.trainer import log_scalars, open_summary_writer
+from utils.io import DataError
+from utils.run import get_device, get_logger, make_run_dir, recursive_to, save_run_config, seed_everything
+
+VAL_METRIC = 'loss_keypoints_3d_vis'
+STATS_DIRNAME = 'preprocess_stats'
+
+
+def respacing_of(flag: str) -> str:
+    """``--timestep_respacing_eval`` value -> respacing string ('ddpm' means all steps)."""
+    return '' if flag == 'ddpm' else flag
+
+
+def sampling_method_of(flag: str) -> str:
+    return 'ddpm' if flag in ('', 'ddpm') else 'ddim'
+
+
+def weight_flag(term: str) -> str:
+    """Flag / constructor name of a loss weight (``weight_loss_<term>``; ``weight_coap_penetration``)."""
+    return 'weight_coap_penetration' if term == 'coap_penetration' else f'weight_loss_{term}'
+
+
+def build_model(args, cfg, x_mean, x_std, device) -> EgoHMR:
+    """The training-configured network (spec D§6.5 flags), optionally with the ProHMR image encoder."""
+    weights = {weight_flag(k): getattr(args, weight_flag(k)) for k in DEFAULT_LOSS_WEIGHTS}
+    model = EgoHMR(cfg, data_dir=args.data_dir, body_rep_mean=x_mean, body_rep_std=x_std,
+                   with_focal_length=args.with_focal_length, with_bbox_info=args.with_bbox_info,
+                   with_cam_center=args.with_cam_center, scene_feat_dim=512, scene_type=args.scene_type,
+                   scene_cano=args.scene_cano, start_coap_epoch=args.start_coap_epoch,
+                   cond_mask_prob=args.cond_mask_prob, only_mask_img_cond=args.only_mask_img_cond,
+                   pelvis_vis_loosen=args.pelvis_vis_loosen, diffuse_fuse=False,
+                   coap_checkpoint=args.coap_checkpoint, **weights)
+    if args.load_pretrained_img_enc:
+        load_backbone_from_prohmr(model, args.checkpoint_img_enc, log=get_logger().info)
+    return model.to(device)
+
+
+def build_datasets(args, cfg, run_dir: str):
+    """(train set, val set); the train set writes ``<run>/preprocess_stats/preprocess_stats.npz``."""
+    from dataloaders.egobody_dataset import EgoBodyDataset
+
+    common = dict(data_dir=args.data_dir, add_scale=args.add_bbox_scale, scene_type=args.scene_type,
+                  scene_cano=args.scene_cano, scene_downsample_rate=args.scene_downsample_rate)
+    train_set = EgoBodyDataset(cfg, args.dataset_root, split='train', do_augment=args.do_augment, train=True,
+                               get_diffuse_feature=True, body_rep_stats_dir=os.path.join(run_dir, STATS_DIRNAME),
+                               seed=args.seed, **common)
+    val_set = EgoBodyDataset(cfg, args.dataset_root, split='val', spacing=args.eval_spacing, do_augment=False,
+                             **common)
+    if len(train_set) < args.batch_size:
+        raise DataError(f"the train split of '{args.dataset_root}' has {len(train_set)} frames, fewer than "
+                        f"--batch_size {args.batch_size}")
+    if len(val_set) == 0:
+        raise DataError(f"the val split of '{args.dataset_root}' is empty with --eval_spacing {args.eval_spacing}")
+    return train_set, val_set
+
+
+def train_step(model: EgoHMR, diffusion, sampler: UniformSampler, batch: Dict, optimizer,
+               epoch: int) -> Dict[str, float]:
+    """One optimisation step on ``batch``; returns the loss terms as floats."""
+    model.train()
+    bs = batch['img'].shape[0]
+    t, _ = sampler.sample(bs, batch['img'].device)
+    x_start = model.x_start_from_smpl_params(batch['smpl_params'])
+    batch['x_t'] = diffusion.q_sample(x_start, t, noise=torch.randn_like(x_start))
+    output = model(batch, t)
+    loss = model.compute_loss(batch, output, cur_epoch=epoch)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return {k: float(v) for k, v in output['losses'].items()}
+
+
+@torch.no_grad()
+def validate(model: EgoHMR, diffusion, loader, device, method: str = 'ddim', epoch: int = 0) -> Dict[str, float]:
+    """Sample every val batch from fresh noise (no guidance), compute the losses on the last step's output.
+
+    Returns the per-batch mean of every loss term and ``loss_keypoints_3d_vis`` = sum of visible-joint errors /
+    number of visible joints x 1000 (mm).
+    """
+    model.eval()
+    sums, batches, vis_sum, vis_num = defaultdict(float), 0, 0.0, 0
+    for batch in loader:
+        batch = recursive_to(batch, device)
+        batch['condition'] = model.sampling_condition(batch)
+        shape = (batch['img'].shape[0], 144)
+        if method == 'ddpm':
+            result = diffusion.p_sample_loop(model, batch, shape)
+        else:
+            result = diffusion.ddim_sample_loop(model, batch, shape)
+        output = result['other_outputs']
+        model.compute_loss(batch, output, cur_epoch=epoch)
+        for key, value in output['losses'].items():
+            if key == 'loss_keypoints_3d_vis_batch_sum':
+                vis_sum += float(value)
+            else:
+                sums[key] += float(value)
+        vis_num += int(output['joint_vis_num_batch'])
+        batches += 1
+    if batches == 0:
+        raise DataError("the val split is empty: nothing to validate on")
+    result = {k: v / batches for k, v in sums.items()}
+    result[VAL_METRIC] = 1000.0 * vis_sum / vis_num if vis_num else math.nan
+    return result
+
+
+def format_losses(values: Dict[str, float], keys=('loss', VAL_METRIC, 'loss_v2v', 'loss_keypoints_3d',
+                                                   'loss_coap_penetration')) -> str:
+    return ', '.join(f'{k}={values[k]:.4f}' for k in keys if k in values)
+
+
+def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
+    """The whole stage-2 training run; returns a summary (run dir, iterations, val history)."""
+    from tqdm import tqdm
+
+    if args.seed is not None:
+        seed_everything(args.seed)
+    device = get_device(args.gpu_id)
+    run_dir = make_run_dir(args.save_dir, args.run_id)
+    save_run_config(run_dir, args, cfg_path)
+    logger = get_logger(run_dir)
+    logger.info(f"run folder: {run_dir} (device {device})")
+
+    train_set, val_set = build_datasets(args, cfg, run_dir)
+    logger.info(f"body-representation statistics written to {os.path.join(run_dir, STATS_DIRNAME)}")
+    model = build_model(args, cfg, train_set.Xmean, train_set.Xstd, device)
+    if model.loss_weights['coap_penetration'] > 0:
+        if model.coap is None:
+            logger.info("COAP is unavailable: the penetration loss is off")
+        elif not args.coap_checkpoint:
+            logger.info("warning: no --coap_checkpoint: COAP has random weights, so the penetration loss (from epoch "
+                        f"{args.start_coap_epoch}) is meaningless; pass trained COAP weights or "
+                        "--weight_coap_penetration 0")
+    generator = torch.Generator()
+    if args.seed is not None:
+        generator.manual_seed(args.seed)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=args.shuffle, drop_last=True,
+                              num_workers=args.num_workers, generator=generator)
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=float(cfg.TRAIN.LR),
+                                  weight_decay=float(cfg.TRAIN.WEIGHT_DECAY))
+    diffusion_train = create_gaussian_diffusion(args.num_diffusion_timesteps, '')
+    diffusion_eval = create_gaussian_diffusion(args.num_diffusion_timesteps,
+                                               respacing_of(args.timestep_respacing_eval))
+    sampler = UniformSampler(diffusion_train)
+    method = sampling_method_of(args.timestep_respacing_eval)
+    writer = open_summary_writer(run_dir, logger)
+    iters_per_epoch = len(train_set) // args.batch_size
+    logger.info(f"train: {len(train_set)} frames, {iters_per_epoch} iterations/epoch; val: {len(val_set)} frames "
+                f"(sampling {args.timestep_respacing_eval})")
+
+    history, best = [], math.inf
+
+    def run_validation(step: int, epoch: int, count_as_best: bool = True) -> None:
+        nonlocal best
+        val = validate(model, diffusion_eval, val_loader, device, method, epoch)
+        history.append({'iteration': step, **val})
+        log_scalars(writer, 'val', val, step)
+        improved = count_as_best and val[VAL_METRIC] < best
+        if improved:
+            best = val[VAL_METRIC]
+            save_egohmr_checkpoint(model, os.path.join(run_dir, 'best_model_vis.pt'))
+        logger.info(f"[val] iter {step}: {format_losses(val)}" + ('  -> best_model_vis.pt' if improved else ''))
+
+    max_iters = args.max_iters if args.max_iters is not None else math.inf
+    step, epoch, last_val_step = 0, 0, None
+    if args.val_at_start:
+        run_validation(0, 0, count_as_best=False)
+        last_val_step = 0
+    total = min(max_iters, args.num_epoch * iters_per_epoch)
+    progress = tqdm(total=None if math.isinf(total) else int(total), desc='train', dynamic_ncols=True)
+    for epoch in range(args.num_epoch):
+        if step >= max_iters:
+            break
+        train_set.set_epoch(epoch)
+        for batch in train_loader:
+            if step >= max_iters:
+                break
+            batch = recursive_to(batch, device)
+            losses = train_step(model, diffusion_train, sampler, batch, optimizer, epoch)
+            step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses['loss']:.3f}")
+            if step % args.log_step == 0:
+                log_scalars(writer, 'train', losses, step)
+                logger.info(f"[train] iter {step} (epoch {epoch}): {format_losses(losses)}")
+            if step % args.val_step == 0:
+                run_validation(step, epoch)
+                last_val_step = step
+            if step % args.save_step == 0:
+                save_egohmr_checkpoint(model, os.path.join(run_dir, 'last_model.pt'))
+    progress.close()
+    if step > 0 and last_val_step != step:  # stopped between validations: evaluate the final weights too
+        run_validation(step, epoch)
+    save_egohmr_checkpoint(model, os.path.join(run_dir, 'last_model.pt'))
+    if writer is not None:
+        writer.close()
+    logger.info(f"done: {step} iterations; best val {VAL_METRIC} = {best:.2f} mm")
+    return {'run_dir': run_dir, 'iterations': step, 'best': best, 'history': history}

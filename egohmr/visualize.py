@@ -1,0 +1,63 @@
+"""Stage-2 test renders and open3d snapshots (spec D§5.3), built on the stage-1 helpers in ``prohmr_scene.visualize``.
+
+A render shows batch item 0 every ``render_step`` batches: one row ``[input + box | overlay | body in the scene]`` per
+shown sample (all samples with ``--render_multi_sample``), stacked and halved, written as
+``<output_dir>/<recording>_<frame>.jpg``. Nothing here imports a renderer until a frame is rendered.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from prohmr_scene.visualize import (RenderContext, make_open3d_hook as _stage1_open3d_hook, render_file_name,
+                                    render_prohmr_rows)
+
+
+def _to_np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, 'detach') else np.asarray(x)
+
+
+def posed_vertices_full(samples: dict, batch: dict, index: int, count: int) -> np.ndarray:
+    """PV-frame vertices ``[count, V, 3]`` of item ``index``: SMPL vertices plus the model's input translation."""
+    verts = samples['vertices'][index, :count]
+    return _to_np(verts + batch['smpl_params']['transl'][index][None, None, :])
+
+
+def make_render_hook(dataset_root: str, faces: np.ndarray, output_dir: str, render_step: int = 80,
+                     num_samples: int = 1, focal_coeff: float = 1500.0, log=print):
+    """``on_batch(step, batch, samples, gt)`` callback writing a JPG of batch item 0 every ``render_step`` batches."""
+    import cv2
+    from utils.io import atomic_path
+    ctx = RenderContext(dataset_root)
+
+    def hook(step, batch, samples, gt):
+        if step % render_step:
+            return
+        imgname = batch['imgname'][0]
+        shown = min(num_samples, samples['vertices'].shape[1])
+        focal = float(batch['fx'][0]) * focal_coeff
+        intrinsics = (focal, focal, float(batch['cam_cx'][0]), float(batch['cam_cy'][0]))
+        figure = render_prohmr_rows(ctx, imgname, posed_vertices_full(samples, batch, 0, shown), faces, intrinsics,
+                                    _to_np(batch['box_center'][0]), float(batch['box_size'][0]),
+                                    _to_np(batch['transf_kinect2holo'][0]), _to_np(batch['transf_holo2pv'][0]))
+        path = os.path.join(output_dir, render_file_name(imgname))
+        with atomic_path(path, suffix='.jpg') as tmp:
+            if not cv2.imwrite(tmp, figure):
+                raise RuntimeError(f"could not write render '{path}'")
+        log(f"render: {path}")
+
+    hook.close = ctx.close
+    return hook
+
+
+def make_open3d_hook(dataset_root: str, faces: np.ndarray, snapshot_dir: str, vis_step: int = 8,
+                     show_gt: bool = False, log=print):
+    """``on_batch`` callback showing item 0 (first sample, PV frame) with the scene in open3d (PNG when headless)."""
+    stage1_hook = _stage1_open3d_hook(dataset_root, faces, snapshot_dir, vis_step, show_gt, log)
+
+    def hook(step, batch, samples, gt):
+        pred = {'vertices': posed_vertices_full(samples, batch, 0, 1)[None, 0]}
+        stage1_hook(step, batch, None, pred, gt)
+
+    return hook

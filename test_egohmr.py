@@ -1,0 +1,210 @@
+"""Evaluate a stage-2 (EgoHMR) checkpoint on the EgoBody test split (spec D§5.2, D§6.7, models.md §6).
+
+Prints the original's metric lines (G-MPJPE, MPJPE, PA-MPJPE, V2V as all/vis/invis; collision and contact ratios;
+min-of-N invisible MPJPE; std/APD diversity) plus corrected variants, and writes them to
+``<save_root>/output_egohmr_<id>/metrics.json``; with ``--save_results`` also ``results_seed_<seed>.pkl`` there.
+``<id>`` is the checkpoint's folder name. The body statistics are read from
+``<checkpoint dir>/preprocess_stats/preprocess_stats.npz`` (or ``--stats_path``).
+
+All ``--num_samples`` samples of a batch are drawn in one reverse chain of batch ``S x bs`` (``--samples_per_chain``
+bounds it); the image and scene encoders run once per batch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from utils.io import DataError
+from utils.run import str2bool
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--two_stage', type=str2bool, default=True,
+                   help='use the stage-1 translation as the model input (GT is kept for the metrics)')
+    p.add_argument('--scene_crop_by_stage1_transl', type=str2bool, default=True,
+                   help='scene cubes cropped around the stage-1 translation (from_pred) instead of GT (from_gt)')
+    p.add_argument('--stage1_result_path', default='output_results_release/output_prohmr_scene_53618/results.pkl')
+    p.add_argument('--dataset_root', default='/mnt/ssd/egobody_release')
+    p.add_argument('--checkpoint', default='checkpoints/checkpoints_egohmr/91453/best_model_mpjpe_vis.pt')
+    p.add_argument('--model_cfg', default=None, help='model config (default: configs/prohmr.yaml)')
+    p.add_argument('--batch_size', type=int, default=5)
+    p.add_argument('--num_workers', type=int, default=4)
+    p.add_argument('--log_freq', type=int, default=100, help='print the running metrics every N batches')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--render', type=str2bool, default=False, help='write JPG renders under --output_render_root')
+    p.add_argument('--render_multi_sample', type=str2bool, default=True, help='render every sample, not only one')
+    p.add_argument('--output_render_root', default='output_render')
+    p.add_argument('--render_step', type=int, default=80)
+    p.add_argument('--vis_o3d', type=str2bool, default=False, help='open3d viewer (PNG snapshot when headless)')
+    p.add_argument('--vis_o3d_gt', type=str2bool, default=False)
+    p.add_argument('--vis_step', type=int, default=8)
+    p.add_argument('--save_results', type=str2bool, default=False, help='write results_seed_<seed>.pkl')
+    p.add_argument('--save_root', default='output_results')
+    p.add_argument('--scene_cano', type=str2bool, default=True)
+    p.add_argument('--scene_type', default='cube', choices=['whole_scene', 'cube'])
+    p.add_argument('--num_diffusion_timesteps', type=int, default=50)
+    p.add_argument('--timestep_respacing_eval', default='ddpm', choices=['ddim5', 'ddpm'])
+    p.add_argument('--diffuse_fuse', type=str2bool, default=True,
+                   help='image-conditioned output at visible joints, scene-only output elsewhere')
+    p.add_argument('--with_coap_grad', type=str2bool, default=True, help='collision-guided DDPM sampling')
+    p.add_argument('--cond_grad_weight', type=float, default=2.0, help='collision guidance weight')
+    p.add_argument('--only_mask_img_cond', type=str2bool, default=True)
+    p.add_argument('--pelvis_vis_loosen', type=str2bool, default=True)
+    p.add_argument('--eval_spacing', type=int, default=1, help='keep every n-th test frame')
+    p.add_argument('--num_samples', type=int, default=1)
+    p.add_argument('--eval_coll_loss', type=str2bool, default=True, help='report the collision ratio')
+    p.add_argument('--eval_contact_score', type=str2bool, default=True, help='report the contact ratio')
+    p.add_argument('--eval_with_vis_mask_pa', type=str2bool, default=True,
+                   help="PA-MPJPE with the original's visible-joint alignment")
+    p.add_argument('--with_focal_length', type=str2bool, default=True)
+    p.add_argument('--with_cam_center', type=str2bool, default=True)
+    p.add_argument('--with_bbox_info', type=str2bool, default=True)
+    p.add_argument('--add_bbox_scale', type=float, default=1.2)
+    p.add_argument('--shuffle', type=str2bool, default=False)
+    # additions to the original flags
+    p.add_argument('--data_dir', default='data', help='folder with smpl/smpl/SMPL_*.pkl and smpl_mean_params.npz')
+    p.add_argument('--gpu_id', type=int, default=0)
+    p.add_argument('--stats_path', default=None,
+                   help='preprocess_stats.npz (or its folder); default: beside the checkpoint')
+    p.add_argument('--collision_model', default='coap', choices=['coap', 'exact'],
+                   help='occupancy model for guidance and the collision ratio')
+    p.add_argument('--coap_checkpoint', default=None,
+                   help="COAP weights (.ckpt); default: the stage-2 checkpoint's smpl.coap.* entries")
+    p.add_argument('--samples_per_chain', type=int, default=0,
+                   help='at most this many samples per reverse chain (0: all --num_samples at once)')
+    p.add_argument('--scene_downsample_rate', type=int, default=1,
+                   help='keep every k-th scene point (1 = all 20000, as the original; larger is faster on CPU)')
+    p.add_argument('--save_pred_transl', default=None,
+                   help='accepted for README compatibility and ignored (stage-2 test has no such output)')
+    return p
+
+
+def check_args(args) -> str:
+    """An error message for an invalid flag combination, or ''."""
+    if args.render and args.vis_o3d:
+        return "--render and --vis_o3d cannot be used together"
+    for name in ('batch_size', 'num_samples', 'render_step', 'vis_step', 'eval_spacing', 'num_diffusion_timesteps',
+                 'scene_downsample_rate'):
+        if getattr(args, name) < 1:
+            return f"--{name} must be >= 1, got {getattr(args, name)}"
+    if args.with_coap_grad and args.timestep_respacing_eval == 'ddim5':
+        return ("--with_coap_grad True works with --timestep_respacing_eval ddpm only (the original states DDIM is "
+                "not meant for guidance); add --with_coap_grad False for ddim5")
+    if args.two_stage and not os.path.isfile(args.stage1_result_path):
+        return (f"--two_stage: no stage-1 results at --stage1_result_path '{args.stage1_result_path}' "
+                "(run test_prohmr_scene.py first, or pass --two_stage False)")
+    return ''
+
+
+def run(args) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from configs import get_config
+    from dataloaders.body_rep_stats import load_body_rep_stats
+    from dataloaders.egobody_dataset import EgoBodyDataset
+    from diffusion import create_gaussian_diffusion
+    from egohmr import collision
+    from egohmr.checkpoints import checkpoint_run_dir, load_egohmr_weights
+    from egohmr.evaluate import evaluate, format_report, json_safe
+    from egohmr.model import EgoHMR
+    from egohmr.trainer import respacing_of, sampling_method_of
+    from utils.io import atomic_json_dump, atomic_pickle_dump
+    from utils.run import get_device, seed_everything
+
+    if args.save_pred_transl is not None:
+        print("note: --save_pred_transl is a stage-1 option; test_egohmr.py ignores it (use --save_results)")
+    seed_everything(args.seed)
+    device = get_device(args.gpu_id)
+    cfg = get_config(args.model_cfg, overrides=['TRAIN.NUM_TEST_SAMPLES', args.num_samples])
+    x_mean, x_std = load_body_rep_stats(args.stats_path or checkpoint_run_dir(args.checkpoint))
+    need_collision = args.eval_coll_loss or args.with_coap_grad
+    model = EgoHMR(cfg, data_dir=args.data_dir, body_rep_mean=x_mean, body_rep_std=x_std,
+                   with_focal_length=args.with_focal_length, with_bbox_info=args.with_bbox_info,
+                   with_cam_center=args.with_cam_center, scene_feat_dim=512, scene_type=args.scene_type,
+                   scene_cano=args.scene_cano, cond_mask_prob=0.0, only_mask_img_cond=args.only_mask_img_cond,
+                   pelvis_vis_loosen=args.pelvis_vis_loosen, diffuse_fuse=args.diffuse_fuse,
+                   with_coap=True if (need_collision and args.collision_model == 'coap') else None)
+    missing, unexpected = load_egohmr_weights(model, args.checkpoint)
+    if missing or unexpected:
+        print(f"checkpoint '{args.checkpoint}': {len(missing)} missing keys {missing[:3]}, "
+              f"{len(unexpected)} unexpected keys {unexpected[:3]}")
+    model.to(device).eval()
+    occupancy = (collision.build_occupancy_model(model, args.collision_model, args.coap_checkpoint)
+                 if need_collision else None)
+    guidance_fn = collision.make_guidance_fn(model, occupancy) if args.with_coap_grad else None
+    diffusion = create_gaussian_diffusion(args.num_diffusion_timesteps, respacing_of(args.timestep_respacing_eval))
+    print(f"loaded '{args.checkpoint}'; sampling {args.timestep_respacing_eval}, {args.num_samples} sample(s), "
+          f"guidance {'on (w=%g)' % args.cond_grad_weight if guidance_fn else 'off'}")
+
+    dataset = EgoBodyDataset(cfg, args.dataset_root, split='test', data_dir=args.data_dir, spacing=args.eval_spacing,
+                             add_scale=args.add_bbox_scale, do_augment=False, scene_type=args.scene_type,
+                             scene_crop_by_stage1_transl=args.scene_crop_by_stage1_transl,
+                             load_stage1_transl=args.two_stage, stage1_result_path=args.stage1_result_path,
+                             scene_cano=args.scene_cano, scene_downsample_rate=args.scene_downsample_rate)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=args.shuffle, num_workers=args.num_workers)
+
+    model_id = os.path.basename(checkpoint_run_dir(args.checkpoint))
+    folder = f'output_egohmr_{model_id}'
+    out_dir = os.path.join(args.save_root, folder)
+    faces = model.smpl.faces.astype('int64')
+    hook = None
+    if args.render:
+        from egohmr.visualize import make_render_hook
+        hook = make_render_hook(args.dataset_root, faces, os.path.join(args.output_render_root, folder),
+                                args.render_step, args.num_samples if args.render_multi_sample else 1,
+                                focal_coeff=float(cfg.CAM.FX_NORM_COEFF))
+    elif args.vis_o3d:
+        from egohmr.visualize import make_open3d_hook
+        from prohmr_scene.visualize import open3d_available
+        if open3d_available():
+            hook = make_open3d_hook(args.dataset_root, faces, os.path.join(args.output_render_root, folder + '_o3d'),
+                                    args.vis_step, args.vis_o3d_gt)
+        else:
+            print("--vis_o3d: open3d is not installed (pip install open3d); continuing without the viewer")
+
+    try:
+        result = evaluate(model, diffusion, loader, device, num_samples=args.num_samples,
+                          method=sampling_method_of(args.timestep_respacing_eval), guidance_fn=guidance_fn,
+                          guidance_weight=args.cond_grad_weight, two_stage=args.two_stage,
+                          occupancy_model=occupancy if args.eval_coll_loss else None,
+                          eval_contact=args.eval_contact_score, eval_with_vis_mask_pa=args.eval_with_vis_mask_pa,
+                          samples_per_chain=args.samples_per_chain or None, log_freq=args.log_freq, on_batch=hook)
+    finally:
+        if hook is not None and hasattr(hook, 'close'):
+            hook.close()
+    summary = result['summary']
+    print('*** Final Results ***')
+    print(format_report(summary))
+    record = dict(summary['metrics'], num_frames=summary['num_frames'], num_samples=summary['num_samples'],
+                  notes=summary['notes'], checkpoint=args.checkpoint, sampling=args.timestep_respacing_eval,
+                  guidance=bool(guidance_fn), seed=args.seed)
+    metrics_path = os.path.join(out_dir, 'metrics.json')
+    atomic_json_dump(json_safe(record), metrics_path)
+    print(f"metrics written to {metrics_path}")
+    if args.save_results:
+        path = os.path.join(out_dir, f'results_seed_{args.seed}.pkl')
+        atomic_pickle_dump(result['results'], path, protocol=2)
+        print(f"sampled results written to {path}")
+    return result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    message = check_args(args)
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    try:
+        run(args)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Stage-2 EgoHMR denoiser: state_dict vs the manifest, graph convolution, visibility, condition masking,
+diffuse_fuse, statistics round trip, forward shapes, losses, collision glue and cached-condition sampling."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from configs import prohmr_config
+from egohmr import collision
+from egohmr.embeddings import sinusoidal_table
+from egohmr.gcn import ModulatedGCN, ModulatedGraphConv, smpl_adjacency
+from egohmr.losses import keypoint_2d_loss, keypoint_3d_loss, pose_6d_ortho_loss
+from egohmr.model import EgoHMR, coap_available
+from egohmr.visibility import in_image_mask, smpl_joint_visibility
+from utils.body_model import SMPL_EDGES
+from utils.geometry import aa_to_rotmat
+
+SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'spec',
+                    'manifests')
+SPEC = os.environ.get('EGOHMR_SPEC_MANIFESTS', os.path.abspath(SPEC))
+MANIFEST = os.path.join(SPEC, 'stage2_egohmr.tsv')
+FORWARD_IO = os.path.join(SPEC, 'stage2_forward_io.json')
+COAP_TABLES = ('smpl.coap.partitioner.tight_face_tensor', 'smpl.coap.partitioner.extended_face_tensor',
+               'smpl.coap.partitioner.tight_vert_selector')
+NUM_SCENE_POINTS = 500   # the manifest's 20000 is a data choice; any P works
+
+
+@pytest.fixture(scope='module')
+def data_dir(request, tmp_path_factory):
+    """The session's synthetic body-model folder, or a private one if the world generator is not available."""
+    try:
+        import dataloaders.synthetic.world  # noqa: F401
+        return request.getfixturevalue('body_model_dir')
+    except ImportError:
+        from dataloaders.synthetic.body_model import write_body_model_files
+        out = str(tmp_path_factory.mktemp('egohmr_body') / 'data')
+        write_body_model_files(out, num_mocap=4)
+        return out
+
+
+@pytest.fixture(scope='module')
+def model(data_dir):
+    torch.manual_seed(0)
+    return EgoHMR(prohmr_config(), data_dir=data_dir, pelvis_vis_loosen=True).eval()
+
+
+def random_batch(bs=2, num_points=NUM_SCENE_POINTS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    conf = (torch.rand(bs, 25, 1, generator=g) > 0.4).float()
+    return {
+        'img': torch.randn(bs, 3, 224, 224, generator=g),
+        'orig_keypoints_2d': torch.cat([torch.rand(bs, 25, 2, generator=g) - 0.5, conf], dim=-1),
+        'fx': torch.full((bs,), 1.0) + 0.1 * torch.rand(bs, generator=g),
+        'box_center': 300 + 500 * torch.rand(bs, 2, generator=g),
+        'box_size': torch.full((bs,), 400.0),
+        'cam_cx': torch.full((bs,), 955.0), 'cam_cy': torch.full((bs,), 530.0),
+        'scene_pcd_verts_full': torch.randn(bs, num_points, 3, generator=g) * 0.7 + torch.tensor([0.0, 0.0, 3.0]),
+        'smpl_params': {'transl': torch.tensor([[0.0, 0.1, 3.0]]).repeat(bs, 1) + 0.1 * torch.rand(bs, 3, generator=g)},
+        'x_t': torch.randn(bs, 144, generator=g),
+    }
+
+
+def read_manifest(path):
+    rows = [line.rstrip('\n').split('\t') for line in open(path) if not line.startswith('#')]
+    return [(key, tuple(int(v) for v in shape.split(',')) if shape else ()) for key, shape, _, _ in rows]
+
+
+# ------------------------------------------------------------------------------------------------ structure
+@pytest.mark.skipif(not os.path.isfile(MANIFEST), reason='spec manifests not found')
+def test_state_dict_matches_manifest(model):
+    manifest = read_manifest(MANIFEST)
+    ours = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    if not coap_available():
+        manifest = [(k, s) for k, s in manifest if not k.startswith('smpl.coap.')]
+    assert [k for k, _ in ours] == [k for k, _ in manifest]
+    for (key, shape), (_, expected) in zip(ours, manifest):
+        if key in COAP_TABLES:   # sizes depend on the body mesh; the part and coordinate axes are structural
+            assert shape[0] == expected[0] and len(shape) == len(expected) and shape[2:] == expected[2:]
+        else:
+            assert shape == expected, key
+    params = sum(p.numel() for p in model.parameters())
+    assert params == (53760969 if coap_available() else 53760969 - 840170)
+    assert sum(p.numel() for p in model.trainable_parameters()) == 52920544
+
+
+def test_adjacency_matches_spec():
+    adj = smpl_adjacency()
+    assert torch.all(adj.diagonal() == 1)
+    np.testing.assert_allclose(adj[0, [1, 2, 3]], [1 / 3] * 3)
+    np.testing.assert_allclose(adj[9, [6, 12, 13, 14]], [1 / 4] * 4)
+    assert not torch.equal(adj, adj.t())
+    degree = {j: sum(j in e for e in SMPL_EDGES) for j in range(24)}
+    for i in range(24):
+        for j in range(24):
+            edge = (i, j) in SMPL_EDGES or (j, i) in SMPL_EDGES
+            expected = 1.0 if i == j else (1.0 / degree[i] if edge else 0.0)
+            assert adj[i, j].item() == pytest.approx(expected)
+    conv = ModulatedGraphConv(4, 3, adj)
+    assert 'adj' not in conv.state_dict() and torch.equal(conv.adj, adj)
+
+
+def test_modulated_graph_conv_formula():
+    torch.manual_seed(1)
+    conv = ModulatedGraphConv(5, 4, smpl_adjacency())
+    with torch.no_grad():
+        conv.adj2.normal_()
+    x = torch.randn(2, 24, 5)
+    a = conv.adj + conv.adj2
+    a = (a + a.t()) / 2
+    expected = torch.zeros(2, 24, 4)
+    for i in range(24):
+        expected[:, i] += a[i, i] * conv.M[i] * (x[:, i] @ conv.W[0])
+        for j in range(24):
+            if j != i:
+                expected[:, i] += a[i, j] * conv.M[j] * (x[:, j] @ conv.W[1])
+    torch.testing.assert_close(conv(x), expected + conv.bias, rtol=1e-4, atol=1e-5)
+
+
+def test_gcn_split_projection_equals_full_input():
+    torch.manual_seed(2)
+    gcn = ModulatedGCN(in_dim=10, hid_dim=8, out_dim=6, num_layers=2).eval()
+    x = torch.randn(3, 24, 10)
+    torch.testing.assert_close(gcn(x[..., 7:], gcn.project_leading(x[..., :7])), gcn(x), rtol=1e-5, atol=1e-5)
+
+
+def test_timestep_table_and_shared_buffer(model):
+    table = sinusoidal_table(50, 512)
+    p, i = 7, 5
+    assert table[p, 2 * i].item() == pytest.approx(np.sin(p * 10000 ** (-2 * i / 512)), abs=1e-5)
+    assert table[p, 2 * i + 1].item() == pytest.approx(np.cos(p * 10000 ** (-2 * i / 512)), abs=1e-5)
+    sd = model.state_dict()
+    assert torch.equal(sd['sequence_pos_encoder.pe'][:50, 0], table)
+    assert model.embed_timestep.sequence_pos_encoder is model.sequence_pos_encoder
+
+
+# ------------------------------------------------------------------------------------------------ visibility
+def test_visibility_maps_train_and_test():
+    kp = torch.zeros(1, 25, 3)
+    kp[0, [9, 12, 0], 2] = 1.0           # hips and nose detected; knees and neck not
+    train = smpl_joint_visibility(kp.clone(), pelvis_vis_loosen=False)[0]
+    test = smpl_joint_visibility(kp.clone(), pelvis_vis_loosen=True)[0]
+    assert train[[0, 3, 6, 9]].all() and test[[0, 3, 6, 9]].all()   # MidHip is forced visible
+    assert train[1] and train[2] and not test[1] and not test[2]     # SMPL hips: OP 12/9 vs the knees 13/10
+    assert train[12] and not test[12]                                # SMPL neck: OP 0 vs OP 1
+    kp[0, [13, 10], 2] = 1.0
+    assert smpl_joint_visibility(kp, pelvis_vis_loosen=True)[0, [1, 2, 4, 5]].all()
+
+
+def test_in_image_mask_bounds():
+    f, c = torch.tensor([1000.0]), torch.tensor([[960.0, 540.0]])
+    pts = torch.tensor([[[0.0, 0.0, 2.0], [1.92, 0.0, 2.0], [-1.919, 0.0, 2.0], [0.0, 1.08, 2.0], [0.0, -1.08, 2.0]]])
+    assert in_image_mask(pts, f, c)[0].tolist() == [True, False, True, False, True]
+
+
+# ------------------------------------------------------------------------------------------------ conditioning
+def test_condition_masking(model):
+    cond = torch.rand(4, 24, model.cond_dim) + 0.1
+    assert torch.equal(model.mask_cond(cond), cond)                     # eval: no dropout
+    forced = model.mask_cond(cond, force_mask=True)
+    assert torch.all(forced[..., :2048] == 0) and torch.equal(forced[..., 2048:], cond[..., 2048:])
+    saved = (model.training, model.cond_mask_prob, model.only_mask_img_cond)
+    try:
+        model.training, model.cond_mask_prob = True, 1.0
+        assert torch.equal(model.mask_cond(cond), forced)
+        model.only_mask_img_cond = False
+        assert torch.all(model.mask_cond(cond) == 0)
+        model.cond_mask_prob = 0.0
+        assert torch.equal(model.mask_cond(cond), cond)
+    finally:
+        model.training, model.cond_mask_prob, model.only_mask_img_cond = saved
+
+
+@pytest.mark.skipif(not os.path.isfile(FORWARD_IO), reason='spec manifests not found')
+def test_forward_shapes_match_manifest(model):
+    spec = json.load(open(FORWARD_IO))
+    batch = random_batch(bs=spec['input']['x_t'][0][0])
+    with torch.no_grad():
+        out = model(batch, torch.tensor([0, 49]))
+    for name, (shape, dtype) in spec['output'].items():
+        value = out
+        for part in name.split('.'):
+            value = value[part]
+        assert list(value.shape) == shape, name
+        assert str(value.dtype) == f'torch.{dtype}', name
+    assert list(batch['vis_mask_smpl'].shape) == spec['input']['vis_mask_smpl'][0]
+    assert batch['vis_mask_smpl'].dtype == torch.bool
+
+
+def test_diffuse_fuse_takes_visible_joints_from_conditional_pass(model):
+    batch = random_batch(seed=3)
+    t = torch.tensor([10, 20])
+    with torch.no_grad():
+        cond = model.encode_condition(batch)
+        joint_cond = model.joint_condition(cond)
+        x_feat = model.input_process(batch['x_t'].reshape(2, 24, 6))
+        t_feat = model.embed_timestep(t)[:, None].expand(-1, 24, -1)
+        conditional = model.diffusion_model(torch.cat([joint_cond, x_feat, t_feat], -1)).reshape(2, 144)
+        scene_only = model.diffusion_model(torch.cat([model.mask_cond(joint_cond, True), x_feat, t_feat], -1))
+        scene_only = scene_only.reshape(2, 144)
+        model.diffuse_fuse = True
+        try:
+            fused = model(dict(batch, condition=cond), t)['pred_x_start']
+            fused_cached = model(dict(batch, condition=model.sampling_condition(batch)), t)['pred_x_start']
+        finally:
+            model.diffuse_fuse = False
+        plain = model(dict(batch, condition=cond), t)['pred_x_start']
+    vis = cond['vis_mask_smpl'].repeat_interleave(6, dim=1)
+    assert vis.any() and (~vis).any()
+    torch.testing.assert_close(fused[vis], conditional[vis], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused[~vis], scene_only[~vis], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused_cached, fused, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(plain, conditional, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ body rep
+def test_stats_round_trip_and_pose_encoding(model, tmp_path):
+    from dataloaders.body_rep_stats import compute_body_rep_stats, load_body_rep_stats, save_body_rep_stats
+    rng = np.random.default_rng(0)
+    go, pose = rng.normal(0, 0.5, (40, 3)), rng.normal(0, 0.3, (40, 69))
+    x_mean, x_std = compute_body_rep_stats(go, pose)
+    save_body_rep_stats(str(tmp_path / 'preprocess_stats'), x_mean, x_std)
+    loaded_mean, loaded_std = load_body_rep_stats(str(tmp_path))          # a run folder, as at test time
+    np.testing.assert_array_equal(loaded_mean, x_mean)
+    assert len(np.unique(loaded_std[:6])) == 1 and len(np.unique(loaded_std[6:])) == 1
+    original = (model.body_rep_mean.clone(), model.body_rep_std.clone())
+    try:
+        model.set_body_rep_stats(loaded_mean, loaded_std)
+        params = {'global_orient': torch.tensor(go[:3]).float(), 'body_pose': torch.tensor(pose[:3]).float()}
+        x = model.x_start_from_smpl_params(params)
+        assert abs(float(x.mean())) < 1.0
+        rot = aa_to_rotmat(torch.cat([params['global_orient'], params['body_pose']], 1).reshape(3, 24, 3))
+        torch.testing.assert_close(model.rotmats_from_x(x), rot, rtol=1e-4, atol=1e-4)
+    finally:
+        model.set_body_rep_stats(*original)
+    assert 'body_rep_mean' not in model.state_dict()
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def test_loss_terms_by_hand():
+    pred = torch.zeros(1, 25, 2)
+    gt = torch.zeros(1, 25, 3)
+    gt[0, :, 0] = 0.1
+    gt[0, :, 2] = 2.0
+    assert keypoint_2d_loss(pred, gt).item() == pytest.approx(22 * 2.0 * 0.1)   # OpenPose 1, 9, 12 ignored
+    p3 = torch.zeros(1, 24, 3)
+    g3 = torch.ones(1, 24, 3)
+    assert keypoint_3d_loss(p3, g3).item() == pytest.approx(72.0)
+    assert keypoint_3d_loss(p3, g3, pelvis_align=True).item() == pytest.approx(0.0)
+    rot = aa_to_rotmat(torch.randn(5, 3))
+    from utils.geometry import rotmat_to_rot6d
+    assert pose_6d_ortho_loss(rotmat_to_rot6d(rot, 'diffusion')).item() == pytest.approx(0.0, abs=1e-10)
+    assert pose_6d_ortho_loss(2 * rotmat_to_rot6d(rot, 'diffusion')).item() == pytest.approx(4.5)
+
+
+def test_compute_loss_train_and_eval(model):
+    batch = random_batch(seed=4)
+    bs = 2
+    batch.update(keypoints_3d=torch.randn(bs, 24, 3) * 0.3, keypoints_3d_full=torch.randn(bs, 24, 3) * 0.3 + 3,
+                 gender=torch.tensor([0, 1]))
+    batch['smpl_params'].update(global_orient=torch.randn(bs, 3) * 0.3, body_pose=torch.randn(bs, 69) * 0.2,
+                                betas=torch.randn(bs, 10) * 0.5)
+    with torch.no_grad():
+        out = model(batch, torch.tensor([3, 7]))
+        loss = model.compute_loss(batch, out)
+    losses = out['losses']
+    assert float(loss) == 0.0 and float(losses['loss_v2v']) > 0     # test-time weights are zero
+    assert 0 <= int(out['joint_vis_num_batch']) <= 48
+    assert float(losses['loss_keypoints_3d_vis_batch_sum']) >= 0
+
+
+# ------------------------------------------------------------------------------------------------ collision
+class SphereOccupancy:
+    """Occupancy ~1 inside a 25 cm sphere around the mean of the knees and ankles (a differentiable COAP stand-in)."""
+
+    def query(self, points, body):
+        d = (points - body.joints[:, [4, 5, 7, 8]].mean(dim=1, keepdim=True)).norm(dim=-1)
+        return torch.sigmoid((0.25 - d) * 40.0)
+
+    def collision_loss(self, points, body):
+        return torch.relu(self.query(points, body) - 0.5).sum(dim=-1)
+
+
+def test_box_filter_cap_and_padding():
+    verts = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    pts = torch.rand(6000, 3) * 0.98 + 0.01
+    pts[10] = torch.tensor([2.0, 0.5, 0.5])
+    mask = collision.box_mask_with_cap(pts, verts, 4000)
+    assert not mask[4000:].any() and int(mask.sum()) == 3999          # indices >= 4000 dropped, 10 is outside
+    assert collision.points_in_body_box(torch.tensor([[1.0, 1.0, 1.0]]), verts).item()   # inclusive
+
+
+def test_batched_collision_equals_per_body_loop(model):
+    occ = SphereOccupancy()
+    batch = random_batch(bs=3, num_points=400, seed=5)
+    with torch.no_grad():
+        out = model(batch, torch.tensor([0, 0, 0]))
+        legs = out['pred_keypoints_3d'][:, [4, 5, 7, 8]].mean(dim=1, keepdim=True)
+        scene = legs + 0.3 * torch.randn(3, 400, 3, generator=torch.Generator().manual_seed(1))
+        scene[1] += 100.0                                    # no point in body 1's box
+        batched = collision.penetration_loss(occ, scene, out['pred_vertices'], out['pred_keypoints_3d'],
+                                             out['pred_rotmats'], max_point_index=None)
+        body = collision.body_for_occupancy(out['pred_vertices'], out['pred_keypoints_3d'], out['pred_rotmats'])
+        for i in range(3):
+            mask = collision.points_in_body_box(scene[i], body.vertices[i])
+            single = collision.SMPLOutput(vertices=body.vertices[i:i + 1], joints=body.joints[i:i + 1],
+                                          full_pose=body.full_pose[i:i + 1])
+            expected = occ.collision_loss(scene[i][mask][None], single).sum() if mask.any() else torch.tensor(0.0)
+            assert batched[i].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+        ratio = collision.collision_ratio(occ, scene, out['pred_vertices'], out['pred_keypoints_3d'],
+                                          out['pred_rotmats'])
+    assert batched[1].item() == 0.0 and ratio[1] == 0.0 and batched[0].item() > 0 and 0 < ratio[0] <= 1
+
+
+def test_guidance_gradient_only_on_leg_joints(model):
+    occ = SphereOccupancy()
+    batch = random_batch(bs=2, num_points=600, seed=6)
+    with torch.no_grad():
+        out = model(batch, torch.tensor([5, 5]))
+    legs = out['pred_keypoints_3d'][:, [4, 5, 7, 8]].mean(dim=1, keepdim=True)
+    scene = legs + 0.2 * torch.randn(2, 600, 3, generator=torch.Generator().manual_seed(0))
+    grad = collision.collision_guidance_gradient(model, batch['x_t'], out['pred_smpl_params']['betas'], scene, occ)
+    assert grad is not None and grad.shape == (2, 144)
+    per_joint = grad.reshape(2, 24, 6).abs().sum(dim=(0, 2))
+    allowed = [1, 2, 4, 5, 7, 8, 10, 11]
+    assert torch.all(per_joint[[j for j in range(24) if j not in allowed]] == 0)
+    assert per_joint[allowed].sum() > 0
+    far = scene + 100.0
+    assert collision.collision_guidance_gradient(model, batch['x_t'], out['pred_smpl_params']['betas'], far,
+                                                 occ) is None
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+def test_sampling_encodes_once_and_returns_all_samples(model):
+    from diffusion import create_gaussian_diffusion
+    from egohmr.evaluate import sample_poses, tile, untile
+    x = torch.arange(6).reshape(2, 3)
+    assert torch.equal(untile(tile(x, 4), 4)[:, 2], x)
+    calls = []
+    handle = model.backbone.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        torch.manual_seed(0)
+        samples = sample_poses(model, create_gaussian_diffusion(50, 'ddim5'), random_batch(seed=7), 3, 'ddim',
+                               occupancy_model=SphereOccupancy())
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    assert samples['body_pose'].shape == (2, 3, 23, 3, 3) and samples['betas'].shape == (2, 3, 10)
+    assert samples['vertices'].shape == (2, 3, 6890, 3) and samples['collision_ratio'].shape == (2, 3)
+    assert not torch.allclose(samples['rotmats'][:, 0], samples['rotmats'][:, 1])   # different noise per sample
+    torch.testing.assert_close(samples['betas'][:, 0], samples['betas'][:, 1])      # betas do not depend on x_t
