@@ -17,7 +17,8 @@ from egohmr.coap.checkpoint import load_coap_state_dict
 from egohmr.coap.exact import inside_mesh, winding_numbers
 from egohmr.coap.partition import MERGED_JOINTS, PART_JOINTS, majority_face_labels, merge_labels
 from egohmr.coap.sampling import sample_points_on_faces
-from egohmr.coap.training import inside_labels, iou, load_mocap
+from egohmr.coap.training import (PairPool, TrainSettings, build_pair_pool, inside_labels, iou, load_mocap,
+                                  pair_logits, pose_bodies, vertex_parts)
 from utils.body_model import SMPL_PARENTS, create_smpl
 from utils.io import DataError
 
@@ -398,6 +399,82 @@ def test_exact_occupancy_values_and_gradients():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Training data and the training forward pass
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_pair_logits_equal_the_full_query_network(smpl):
+    """The split first/skip layers compute exactly what query() computes from the full 148-d input."""
+    torch.manual_seed(0)
+    model = COAPBodyModel(smpl)
+    latent = torch.randn(3, 16, 128)
+    body = torch.randint(3, (400,))
+    part = torch.randint(16, (400,))
+    local = 0.2 * torch.randn(400, 3)
+    features = torch.cat([local, torch.ones(400, 1), model.k_one_hot[part], latent[body, part]], dim=-1)
+    full = model.decoder(torch.cat([local, model.query_encoder(features)], dim=-1))[:, 0]
+    split = pair_logits(model, latent, body, part, local)
+    assert torch.allclose(split, full, atol=1e-4 * full.abs().max().item())
+    # Gradients reach the same parameters.
+    split.sum().backward()
+    assert model.query_encoder.lin0.weight.grad[:, 20:].abs().sum() > 0
+    assert model.query_encoder.lin2.weight.grad.abs().sum() > 0
+
+
+def test_vertex_parts_follow_the_partition(coap, smpl):
+    parts = vertex_parts(coap)
+    labels = smpl.lbs_weights.numpy().argmax(axis=1)
+    merged = {23: 21, 22: 20, 15: 12, 14: 9, 13: 9, 11: 8, 10: 7, 3: 0}
+    expected = [PART_JOINTS.index(merged.get(int(j), int(j))) for j in labels]
+    assert parts.tolist() == expected
+
+
+def test_pair_pool_labels_follow_winding_numbers_and_ownership(coap, smpl, mocap):
+    from scipy.spatial import cKDTree
+    body = pose_bodies(smpl, torch.as_tensor(mocap[:2]), torch.zeros(2, 10))
+    settings = TrainSettings(box_points=8, surface_points=256, volume_points=128)
+    pool = build_pair_pool(coap, body, faces_of(smpl), settings, torch.Generator().manual_seed(0))
+    assert isinstance(pool, PairPool) and pool.latent.shape == (2, 16, 128)
+    assert len(pool) == len(pool.body) == len(pool.part) == len(pool.local) > 100
+    assert 0.1 < pool.target.mean().item() < 0.9
+    # Map the pairs back to posed space and recheck every label by brute force.
+    with torch.no_grad():
+        code = coap.encode_body(body)
+    coap.detach_cache()
+    frames = torch.linalg.inv(code['bone_trans'])[pool.body, pool.part]                 # [P, 4, 4]
+    posed_points = (frames[:, :3, :3] @ pool.local[:, :, None])[..., 0] + frames[:, :3, 3]
+    in_box = ((pool.local - code['bbox_center'][pool.body, pool.part, 0]).abs()
+              < 0.5 * code['bbox_size'][pool.body, pool.part, 0]).all(-1)
+    assert bool(in_box.all())
+    parts = vertex_parts(coap)
+    for b in range(2):
+        mine = pool.body == b
+        pts = posed_points[mine]
+        inside = torch.from_numpy(inside_mesh(body.vertices[b], faces_of(smpl), pts)).float()
+        assert torch.equal(inside, pool.target[mine])
+        owner = parts[cKDTree(body.vertices[b].numpy()).query(pts.numpy())[1]]
+        positive = pool.target[mine] == 1
+        assert torch.equal(owner[positive], pool.part[mine][positive])
+
+
+def test_train_coap_cli_writes_a_loadable_checkpoint(tmp_path, body_model_dir, smpl, capsys):
+    import train_coap
+    out = str(tmp_path / 'tiny.ckpt')
+    rc = train_coap.main(['--data_dir', body_model_dir, '--out', out, '--iters', '3', '--batch_size', '256',
+                          '--pool_bodies', '1', '--eval_bodies', '1', '--half_precision'])
+    assert rc == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith('IoU ') and 0.0 <= float(last.split()[1]) <= 1.0
+    raw = torch.load(out, weights_only=False)
+    assert raw['global_step'] == 3 and raw['state_dict']['decoder.lin6.weight'].dtype == torch.float16
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        attach_coap(create_smpl_like(smpl), checkpoint=out)
+    with pytest.raises(SystemExit):
+        train_coap.parse_args(['--data_dir', body_model_dir, '--out', out, '--pool_bodies', '0'])
+    assert train_coap.main(['--data_dir', str(tmp_path / 'missing'), '--out', out]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # A briefly trained model
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -416,7 +493,7 @@ def trained(smpl):
 
 def test_trained_weights_separate_inside_from_outside(trained, smpl, mocap):
     model, metrics = trained
-    assert 0.0 <= metrics['iou'] <= 1.0
+    assert 0.85 <= metrics['iou'] <= 1.0   # held-out volumetric IoU recorded by train_coap.py
     body = posed(smpl, mocap[-2:])
     faces = faces_of(smpl)
     gen = torch.Generator().manual_seed(5)
@@ -432,8 +509,8 @@ def test_trained_weights_separate_inside_from_outside(trained, smpl, mocap):
         far = model.query(body.vertices[:, :100] + torch.tensor([0.0, 0.0, 1.0]), body)
     in_box_out = well_out & ~extra['all_out']
     assert deep_in.sum() > 50 and in_box_out.sum() > 50
-    assert (occ[deep_in] > 0.5).float().mean() > 0.9
-    assert (occ[in_box_out] < 0.5).float().mean() > 0.9
+    assert (occ[deep_in] > 0.5).float().mean() > 0.97
+    assert (occ[in_box_out] < 0.5).float().mean() > 0.97
     assert bool((far < 0.5).all())
     # The untrained network (IGR sphere of 1 m) calls everything near the body "inside".
     untrained = COAPBodyModel(smpl)
@@ -453,5 +530,5 @@ def test_trained_coap_collision_ratio_agrees_with_exact(trained, smpl, mocap):
         coap_ratio = (model.query(crop, body) > 0.5).float().mean(1)
         exact_ratio = (ExactOccupancy(faces_of(smpl)).query(crop, body) > 0.5).float().mean(1)
     assert 0.02 < exact_ratio.min() and exact_ratio.max() < 0.6
-    assert torch.allclose(coap_ratio, exact_ratio, atol=0.03), (coap_ratio, exact_ratio)
-    assert iou(model.query(crop, body) > 0.5, inside_labels(body.vertices, faces_of(smpl), crop)) > 0.5
+    assert torch.allclose(coap_ratio, exact_ratio, atol=0.015), (coap_ratio, exact_ratio)
+    assert iou(model.query(crop, body) > 0.5, inside_labels(body.vertices, faces_of(smpl), crop)) > 0.85
