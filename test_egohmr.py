@@ -15,58 +15,42 @@ import argparse
 import os
 import sys
 
+from utils.cli import (add_data_flags, add_scene_and_camera_flags, add_test_flags, new_parser,
+                       positive_flags_error)
 from utils.io import DataError
 from utils.run import str2bool
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = new_parser(__doc__)
+    add_data_flags(p)
+    add_scene_and_camera_flags(p, scene_cano=True, scene_type='cube')
+    add_test_flags(p, checkpoint='checkpoints/checkpoints_egohmr/91453/best_model_mpjpe_vis.pt', batch_size=5,
+                   render_step=80)
     p.add_argument('--two_stage', type=str2bool, default=True,
                    help='use the stage-1 translation as the model input (GT is kept for the metrics)')
     p.add_argument('--scene_crop_by_stage1_transl', type=str2bool, default=True,
                    help='scene cubes cropped around the stage-1 translation (from_pred) instead of GT (from_gt)')
-    p.add_argument('--stage1_result_path', default='output_results_release/output_prohmr_scene_53618/results.pkl')
-    p.add_argument('--dataset_root', default='/mnt/ssd/egobody_release')
-    p.add_argument('--checkpoint', default='checkpoints/checkpoints_egohmr/91453/best_model_mpjpe_vis.pt')
-    p.add_argument('--model_cfg', default=None, help='model config (default: configs/prohmr.yaml)')
-    p.add_argument('--batch_size', type=int, default=5)
-    p.add_argument('--num_workers', type=int, default=4)
-    p.add_argument('--log_freq', type=int, default=100, help='print the running metrics every N batches')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--render', type=str2bool, default=False, help='write JPG renders under --output_render_root')
-    p.add_argument('--render_multi_sample', type=str2bool, default=True, help='render every sample, not only one')
-    p.add_argument('--output_render_root', default='output_render')
-    p.add_argument('--render_step', type=int, default=80)
-    p.add_argument('--vis_o3d', type=str2bool, default=False, help='open3d viewer (PNG snapshot when headless)')
-    p.add_argument('--vis_o3d_gt', type=str2bool, default=False)
-    p.add_argument('--vis_step', type=int, default=8)
+    p.add_argument('--stage1_result_path', default='output_results_release/output_prohmr_scene_53618/results.pkl',
+                   help='results.pkl of test_prohmr_scene.py (stage-1 translations in test-npz order)')
     p.add_argument('--save_results', type=str2bool, default=False, help='write results_seed_<seed>.pkl')
-    p.add_argument('--save_root', default='output_results')
-    p.add_argument('--scene_cano', type=str2bool, default=True)
-    p.add_argument('--scene_type', default='cube', choices=['whole_scene', 'cube'])
-    p.add_argument('--num_diffusion_timesteps', type=int, default=50)
-    p.add_argument('--timestep_respacing_eval', default='ddpm', choices=['ddim5', 'ddpm'])
+    p.add_argument('--num_diffusion_timesteps', type=int, default=50, help='diffusion steps T')
+    p.add_argument('--timestep_respacing_eval', default='ddpm', choices=['ddim5', 'ddpm'],
+                   help='sampler: ddpm (all 50 steps) or ddim5 (5 deterministic steps)')
     p.add_argument('--diffuse_fuse', type=str2bool, default=True,
                    help='image-conditioned output at visible joints, scene-only output elsewhere')
     p.add_argument('--with_coap_grad', type=str2bool, default=True, help='collision-guided DDPM sampling')
     p.add_argument('--cond_grad_weight', type=float, default=2.0, help='collision guidance weight')
-    p.add_argument('--only_mask_img_cond', type=str2bool, default=True)
-    p.add_argument('--pelvis_vis_loosen', type=str2bool, default=True)
+    p.add_argument('--only_mask_img_cond', type=str2bool, default=True,
+                   help='the scene-only pass zeroes only the image features')
+    p.add_argument('--pelvis_vis_loosen', type=str2bool, default=True,
+                   help='hips/neck visibility from knees/neck keypoints (the original test-time map)')
     p.add_argument('--eval_spacing', type=int, default=1, help='keep every n-th test frame')
-    p.add_argument('--num_samples', type=int, default=1)
+    p.add_argument('--num_samples', type=int, default=1, help='independent samples per image (the paper uses 5)')
     p.add_argument('--eval_coll_loss', type=str2bool, default=True, help='report the collision ratio')
     p.add_argument('--eval_contact_score', type=str2bool, default=True, help='report the contact ratio')
     p.add_argument('--eval_with_vis_mask_pa', type=str2bool, default=True,
                    help="PA-MPJPE with the original's visible-joint alignment")
-    p.add_argument('--with_focal_length', type=str2bool, default=True)
-    p.add_argument('--with_cam_center', type=str2bool, default=True)
-    p.add_argument('--with_bbox_info', type=str2bool, default=True)
-    p.add_argument('--add_bbox_scale', type=float, default=1.2)
-    p.add_argument('--shuffle', type=str2bool, default=False)
-    # additions to the original flags
-    p.add_argument('--data_dir', default='data', help='folder with smpl/smpl/SMPL_*.pkl and smpl_mean_params.npz')
-    p.add_argument('--gpu_id', type=int, default=0)
     p.add_argument('--stats_path', default=None,
                    help='preprocess_stats.npz (or its folder); default: beside the checkpoint')
     p.add_argument('--collision_model', default='coap', choices=['coap', 'exact'],
@@ -75,8 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="COAP weights (.ckpt); default: the stage-2 checkpoint's smpl.coap.* entries")
     p.add_argument('--samples_per_chain', type=int, default=0,
                    help='at most this many samples per reverse chain (0: all --num_samples at once)')
-    p.add_argument('--scene_downsample_rate', type=int, default=1,
-                   help='keep every k-th scene point (1 = all 20000, as the original; larger is faster on CPU)')
     p.add_argument('--save_pred_transl', default=None,
                    help='accepted for README compatibility and ignored (stage-2 test has no such output)')
     return p
@@ -86,10 +68,10 @@ def check_args(args) -> str:
     """An error message for an invalid flag combination, or ''."""
     if args.render and args.vis_o3d:
         return "--render and --vis_o3d cannot be used together"
-    for name in ('batch_size', 'num_samples', 'render_step', 'vis_step', 'eval_spacing', 'num_diffusion_timesteps',
-                 'scene_downsample_rate'):
-        if getattr(args, name) < 1:
-            return f"--{name} must be >= 1, got {getattr(args, name)}"
+    error = positive_flags_error(args, ('batch_size', 'num_samples', 'render_step', 'vis_step', 'eval_spacing',
+                                        'num_diffusion_timesteps', 'scene_downsample_rate'))
+    if error:
+        return error
     if args.with_coap_grad and args.timestep_respacing_eval == 'ddim5':
         return ("--with_coap_grad True works with --timestep_respacing_eval ddpm only (the original states DDIM is "
                 "not meant for guidance); add --with_coap_grad False for ddim5")

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from utils.cli import add_data_flags, add_scene_and_camera_flags, add_test_flags, new_parser
 from utils.io import DataError
 from utils.run import str2bool
 
@@ -23,38 +24,13 @@ def bool_or_path(value):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--dataset_root', default='/mnt/ssd/egobody_release')
-    p.add_argument('--checkpoint', default='checkpoints/checkpoints_egohmr/53618/best_model.pt')
-    p.add_argument('--model_cfg', default=None, help='model config (default: configs/prohmr.yaml)')
-    p.add_argument('--batch_size', type=int, default=50)
+    p = new_parser(__doc__)
+    add_data_flags(p)
+    add_scene_and_camera_flags(p, scene_cano=False, scene_type='whole_scene')
+    add_test_flags(p, checkpoint='checkpoints/checkpoints_egohmr/53618/best_model.pt', batch_size=50, render_step=8)
     p.add_argument('--num_samples', type=int, default=5, help='samples per image (the mode plus num_samples-1)')
-    p.add_argument('--num_workers', type=int, default=4)
-    p.add_argument('--log_freq', type=int, default=100, help='print the running metrics every N batches')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--render', type=str2bool, default=False, help='write JPG renders under --output_render_root')
-    p.add_argument('--render_multi_sample', type=str2bool, default=True, help='render every sample, not only the mode')
-    p.add_argument('--output_render_root', default='output_render')
-    p.add_argument('--render_step', type=int, default=8)
-    p.add_argument('--vis_o3d', type=str2bool, default=False, help='open3d viewer (PNG snapshot when headless)')
-    p.add_argument('--vis_o3d_gt', type=str2bool, default=False)
-    p.add_argument('--vis_step', type=int, default=8)
     p.add_argument('--save_pred_transl', type=bool_or_path, default=True,
                    help='save the mode translations (results.pkl); True/False or a file path')
-    p.add_argument('--save_root', default='output_results')
-    p.add_argument('--scene_cano', type=str2bool, default=False)
-    p.add_argument('--scene_type', default='whole_scene', choices=['whole_scene', 'cube'])
-    p.add_argument('--with_focal_length', type=str2bool, default=True)
-    p.add_argument('--with_cam_center', type=str2bool, default=True)
-    p.add_argument('--with_bbox_info', type=str2bool, default=True)
-    p.add_argument('--add_bbox_scale', type=float, default=1.2)
-    p.add_argument('--shuffle', type=str2bool, default=False)
-    # additions to the original flags
-    p.add_argument('--data_dir', default='data', help='folder with smpl/smpl/SMPL_*.pkl and smpl_mean_params.npz')
-    p.add_argument('--scene_downsample_rate', type=int, default=1,
-                   help='keep every k-th scene point (1 = all 20000, as the original; larger = faster on a CPU)')
-    p.add_argument('--gpu_id', type=int, default=0)
     return p
 
 

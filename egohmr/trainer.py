@@ -19,9 +19,8 @@ from diffusion import UniformSampler, create_gaussian_diffusion
 from egohmr.checkpoints import load_backbone_from_prohmr, save_egohmr_checkpoint
 from egohmr.losses import DEFAULT_LOSS_WEIGHTS
 from egohmr.model import EgoHMR
-from prohmr_scene.trainer import log_scalars, open_summary_writer
 from utils.io import DataError
-from utils.run import get_device, get_logger, make_run_dir, recursive_to, save_run_config, seed_everything
+from utils.run import get_logger, log_scalars, open_summary_writer, recursive_to, start_run
 
 VAL_METRIC = 'loss_keypoints_3d_vis'
 STATS_DIRNAME = 'preprocess_stats'
@@ -133,13 +132,7 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
     """The whole stage-2 training run; returns a summary (run dir, iterations, val history)."""
     from tqdm import tqdm
 
-    if args.seed is not None:
-        seed_everything(args.seed)
-    device = get_device(args.gpu_id)
-    run_dir = make_run_dir(args.save_dir, args.run_id)
-    save_run_config(run_dir, args, cfg_path)
-    logger = get_logger(run_dir)
-    logger.info(f"run folder: {run_dir} (device {device})")
+    device, run_dir, logger = start_run(args, cfg_path)
 
     train_set, val_set = build_datasets(args, cfg, run_dir)
     logger.info(f"body-representation statistics written to {os.path.join(run_dir, STATS_DIRNAME)}")

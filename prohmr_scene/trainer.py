@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from prohmr_scene.checkpoints import PROHMR_HINT, load_prohmr_backbone, save_stage1_checkpoint
 from prohmr_scene.model import ProHMRScene
 from utils.io import DataError
-from utils.run import endless, get_device, get_logger, make_run_dir, recursive_to, save_run_config, seed_everything
+from utils.run import endless, get_logger, log_scalars, open_summary_writer, recursive_to, start_run
 
 VAL_METRIC = 'loss_keypoints_3d_mode'
 
@@ -123,22 +123,6 @@ def data_initialize(model: ProHMRScene, batch: Dict) -> None:
     model.initialize_actnorm(batch, model.conditioning(batch))
 
 
-def open_summary_writer(run_dir: str, logger):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception as exc:  # tensorboard not installed
-        logger.info(f"tensorboard unavailable ({type(exc).__name__}: {exc}); scalars are only logged as text")
-        return None
-    return SummaryWriter(log_dir=run_dir)
-
-
-def log_scalars(writer, prefix: str, values: Dict[str, float], step: int) -> None:
-    if writer is None:
-        return
-    for key, value in values.items():
-        writer.add_scalar(f'{prefix}/{key}', value, step)
-
-
 def format_losses(values: Dict[str, float], keys=('loss', VAL_METRIC, 'loss_v2v_mode', 'loss_nll')) -> str:
     return ', '.join(f'{k}={values[k]:.4f}' for k in keys if k in values)
 
@@ -147,13 +131,7 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
     """The whole stage-1 training run; returns a summary (run dir, iterations, val history)."""
     from tqdm import tqdm
 
-    if args.seed is not None:
-        seed_everything(args.seed)
-    device = get_device(args.gpu_id)
-    run_dir = make_run_dir(args.save_dir, args.run_id)
-    save_run_config(run_dir, args, cfg_path)
-    logger = get_logger(run_dir)
-    logger.info(f"run folder: {run_dir} (device {device})")
+    device, run_dir, logger = start_run(args, cfg_path)
 
     model = build_model(args, cfg, device)
     train_loader, val_loader, mocap_iter = build_loaders(args, cfg)

@@ -6,7 +6,9 @@ handed to ``smplx.SMPL(data_struct=...)``, so the real files and our synthetic o
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import os
 import pickle
 
@@ -105,7 +107,9 @@ def create_smpl(data_dir: str = 'data', gender: str = 'neutral', **kwargs):
 
     path = smpl_model_path(data_dir, gender)
     data = load_smpl_data(path)
-    return smplx.SMPL(model_path=path, data_struct=Struct(**data), gender=gender, **kwargs)
+    # smplx prints a warning about SMPL having 10 shape coefficients on every construction; that is expected.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return smplx.SMPL(model_path=path, data_struct=Struct(**data), gender=gender, **kwargs)
 
 
 def gender_to_index(gender) -> int:

@@ -26,10 +26,9 @@ def _pyrender():
     return pyrender
 
 
-def body_material():
-    """The pink MetallicRoughness material used for SMPL bodies."""
-    return _pyrender().MetallicRoughnessMaterial(metallicFactor=0.0, alphaMode='OPAQUE',
-                                                 baseColorFactor=BODY_BASE_COLOR)
+def body_material(color=BODY_BASE_COLOR):
+    """The MetallicRoughness material used for SMPL bodies (pink by default, as the original renders)."""
+    return _pyrender().MetallicRoughnessMaterial(metallicFactor=0.0, alphaMode='OPAQUE', baseColorFactor=color)
 
 
 def make_mesh(mesh, material=None, smooth: Optional[bool] = None):

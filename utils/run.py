@@ -102,6 +102,39 @@ def get_logger(run_dir: str = None, name: str = 'egohmr') -> logging.Logger:
     return logger
 
 
+def start_run(args, cfg_path: str = None):
+    """Seed (when ``args.seed`` is set), pick the device, create the run folder with its config copy and logger.
+
+    Returns ``(device, run_dir, logger)``.
+    """
+    if getattr(args, 'seed', None) is not None:
+        seed_everything(args.seed)
+    device = get_device(args.gpu_id)
+    run_dir = make_run_dir(args.save_dir, args.run_id)
+    save_run_config(run_dir, args, cfg_path)
+    logger = get_logger(run_dir)
+    logger.info(f"run folder: {run_dir} (device {device})")
+    return device, run_dir, logger
+
+
+def open_summary_writer(run_dir: str, logger):
+    """A TensorBoard writer for ``run_dir``, or None (with a logged note) when tensorboard is unavailable."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception as exc:  # tensorboard not installed
+        logger.info(f"tensorboard unavailable ({type(exc).__name__}: {exc}); scalars are only logged as text")
+        return None
+    return SummaryWriter(log_dir=run_dir)
+
+
+def log_scalars(writer, prefix: str, values: dict, step: int) -> None:
+    """Write ``values`` as ``<prefix>/<key>`` scalars at ``step`` (no-op without a writer)."""
+    if writer is None:
+        return
+    for key, value in values.items():
+        writer.add_scalar(f'{prefix}/{key}', value, step)
+
+
 def format_table(rows, headers) -> str:
     """A plain-text (markdown-compatible) table."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]

@@ -18,8 +18,6 @@ annotation of a world cheaply.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import os
 import time
@@ -106,8 +104,7 @@ class BodyModels:
 
     def model(self, gender: str):
         if gender not in self._models:
-            with contextlib.redirect_stdout(io.StringIO()):  # smplx prints a note about the 10 shape coefficients
-                self._models[gender] = create_smpl(self.data_dir, gender, dtype=torch.float64)
+            self._models[gender] = create_smpl(self.data_dir, gender, dtype=torch.float64)
         return self._models[gender]
 
     def faces(self, gender: str) -> np.ndarray:
@@ -640,10 +637,12 @@ def _render_images(plan: WorldPlan, root: str, models: BodyModels, render_scale:
     width, height = plan.image_size
     small = (max(1, int(round(width * render_scale))), max(1, int(round(height * render_scale))))
     sx, sy = small[0] / width, small[1] / height
-    material = body_material()
+    # The people in the images wear clothes of a per-recording colour, so rendered predictions (pink) stand out.
+    clothes = [(0.25, 0.35, 0.6, 1.0), (0.45, 0.5, 0.3, 1.0), (0.55, 0.3, 0.25, 1.0), (0.3, 0.3, 0.35, 1.0)]
     scene_meshes = {}
     with Renderer(*small) as renderer:
-        for rec in plan.recordings:
+        for r, rec in enumerate(plan.recordings):
+            material = body_material(clothes[r % len(clothes)])
             if rec.scene not in scene_meshes:
                 scene_meshes.clear()  # keep one scene's buffers at a time
                 scene_meshes[rec.scene] = make_mesh(plan.rooms[rec.scene].render_mesh(), smooth=False)

@@ -1,0 +1,63 @@
+"""End-to-end: the README's ``make demo`` pipeline at its tiny size (every script, as a user types it)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def tiny_demo(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('demo'))
+    env = dict(os.environ, OUT=out, DEMO_SIZE='tiny', PY=sys.executable)
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'demo.sh')], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def _finite_numbers(obj):
+    if isinstance(obj, dict):
+        for value in obj.values():
+            yield from _finite_numbers(value)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+def test_demo_writes_finite_metrics_for_every_run(tiny_demo):
+    out, stdout = tiny_demo
+    paths = [os.path.join(out, 'results', 'output_prohmr_scene_demo', 'metrics.json')]
+    paths += [os.path.join(out, 'results', f'stage2_{name}', 'output_egohmr_demo', 'metrics.json')
+              for name in ('ddim5', 'ddpm_coap', 'gt_ddpm_coap_False', 'gt_ddpm_coap_True')]
+    for path in paths:
+        with open(path) as f:
+            values = list(_finite_numbers(json.load(f)))
+        assert values, f'{path} holds no numbers'
+        assert all(math.isfinite(v) for v in values), path
+    with open(os.path.join(out, 'metrics.json')) as f:
+        table = json.load(f)
+    assert len(table['runs']) == 5
+    assert 'g_mpjpe' in table['metrics'] and 'collision_ratio' in table['metrics']
+    assert os.path.isfile(os.path.join(out, 'metrics.md'))
+    assert '| metric' in stdout
+
+
+def test_collision_guidance_lowers_the_collision_ratio(tiny_demo):
+    out, _ = tiny_demo
+    ratios = {}
+    for guidance in ('False', 'True'):
+        path = os.path.join(out, 'results', f'stage2_gt_ddpm_coap_{guidance}', 'output_egohmr_demo', 'metrics.json')
+        with open(path) as f:
+            ratios[guidance] = json.load(f)['collision_ratio']
+    assert ratios['False'] > 0, 'no collisions to remove: the check would be vacuous'
+    assert ratios['True'] < ratios['False']
+
+
+def test_demo_renders_images(tiny_demo):
+    out, _ = tiny_demo
+    renders = [f for _, _, files in os.walk(os.path.join(out, 'render')) for f in files if f.endswith('.jpg')]
+    assert renders

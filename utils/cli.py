@@ -1,0 +1,83 @@
+"""Command-line flags shared by the train/test scripts of both stages (names and defaults as the original)."""
+from __future__ import annotations
+
+import argparse
+
+from utils.run import str2bool
+
+SCENE_DOWNSAMPLE_HELP = ('keep every k-th scene point (1 = all 20000, as the original; larger is faster on a CPU; '
+                         'use the same value for training and testing)')
+
+
+def new_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose description is the script docstring's first line and whose help shows the defaults."""
+    return argparse.ArgumentParser(description=doc.splitlines()[0], epilog='\n'.join(doc.splitlines()[1:]),
+                                   formatter_class=_HelpFormatter)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def add_data_flags(p: argparse.ArgumentParser, needs_mocap: bool = False) -> None:
+    p.add_argument('--dataset_root', default='/mnt/ssd/egobody_release',
+                   help='EgoBody root (data_info_release.csv, annotation_egocentric_smpl_npz/, egocentric_color/, ...)')
+    what = 'smpl/smpl/SMPL_*.pkl, smpl_mean_params.npz' + (' and datasets/cmu_mocap.npz' if needs_mocap else '')
+    p.add_argument('--data_dir', default='data', help=f'folder with {what} (the original hard-codes data/)')
+    p.add_argument('--model_cfg', default=None, help='model config yaml (default: configs/prohmr.yaml)')
+    p.add_argument('--gpu_id', type=int, default=0, help='CUDA device index (the CPU is used when CUDA is absent)')
+    p.add_argument('--batch_size', type=int, default=16, help='images per batch')
+    p.add_argument('--num_workers', type=int, default=4, help='DataLoader worker processes (0: load in-process)')
+    p.add_argument('--scene_downsample_rate', type=int, default=1, help=SCENE_DOWNSAMPLE_HELP)
+
+
+def add_scene_and_camera_flags(p: argparse.ArgumentParser, scene_cano: bool, scene_type: str) -> None:
+    p.add_argument('--scene_cano', type=str2bool, default=scene_cano,
+                   help='encode the scene relative to the input body translation')
+    p.add_argument('--scene_type', default=scene_type, choices=['whole_scene', 'cube'],
+                   help='whole_scene: stage-1 points in front of the camera; cube: 2x2 m crop around the body')
+    p.add_argument('--with_focal_length', type=str2bool, default=True, help='condition on the focal length')
+    p.add_argument('--with_cam_center', type=str2bool, default=True, help='condition on the principal point')
+    p.add_argument('--with_bbox_info', type=str2bool, default=True, help='condition on the box centre and size')
+    p.add_argument('--add_bbox_scale', type=float, default=1.2, help='box side = scale * add_bbox_scale * 200 px')
+
+
+def add_training_flags(p: argparse.ArgumentParser, save_dir: str, val_step: int) -> None:
+    p.add_argument('--save_dir', default=save_dir, help='run folders <save_dir>/<run_id> are created here')
+    p.add_argument('--num_epoch', type=int, default=100000, help='epochs (the original run is stopped by hand)')
+    p.add_argument('--log_step', type=int, default=1000, help='log the training losses every N iterations')
+    p.add_argument('--val_step', type=int, default=val_step, help='validate every N iterations')
+    p.add_argument('--save_step', type=int, default=2000, help='write last_model.pt every N iterations')
+    p.add_argument('--do_augment', type=str2bool, default=True, help='crop/rotation/flip/colour augmentation')
+    p.add_argument('--shuffle', type=str2bool, default=True, help='shuffle the training set')
+    p.add_argument('--max_iters', type=int, default=None, help='stop after this many iterations (default: no limit)')
+    p.add_argument('--seed', type=int, default=None, help='seed torch/numpy/augmentation (default: unseeded)')
+    p.add_argument('--run_id', default=None, help='run folder name under --save_dir (default: a random number)')
+    p.add_argument('--val_at_start', type=str2bool, default=False,
+                   help='also validate the untrained model at iteration 0 (logged, never saved as best)')
+
+
+def add_test_flags(p: argparse.ArgumentParser, checkpoint: str, batch_size: int, render_step: int) -> None:
+    p.set_defaults(batch_size=batch_size)
+    p.add_argument('--checkpoint', default=checkpoint, help='model checkpoint ({"state_dict": ...})')
+    p.add_argument('--log_freq', type=int, default=100, help='print the running metrics every N batches')
+    p.add_argument('--seed', type=int, default=0, help='seed for sampling')
+    p.add_argument('--shuffle', type=str2bool, default=False, help='shuffle the test set (keep False for results)')
+    p.add_argument('--save_root', default='output_results', help='metrics and results are written below this folder')
+    p.add_argument('--render', type=str2bool, default=False, help='write JPG renders under --output_render_root')
+    p.add_argument('--render_multi_sample', type=str2bool, default=True, help='render every sample, not only one')
+    p.add_argument('--output_render_root', default='output_render', help='folder for --render output')
+    p.add_argument('--render_step', type=int, default=render_step, help='render batch item 0 every N batches')
+    p.add_argument('--vis_o3d', type=str2bool, default=False,
+                   help='open3d viewer (a PNG snapshot when there is no display)')
+    p.add_argument('--vis_o3d_gt', type=str2bool, default=False, help='also show the GT body in the open3d view')
+    p.add_argument('--vis_step', type=int, default=8, help='open3d view every N batches')
+
+
+def positive_flags_error(args, names) -> str:
+    """'--name must be >= 1, got v' for the first such flag that is below 1, else ''."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name} must be >= 1, got {value}"
+    return ''
