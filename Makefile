@@ -20,7 +20,7 @@ demo: $(STAMP)
 	PY=$(PY) bash demo.sh
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=10 tests
 
 bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
