@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 from tqdm import tqdm
 
 from dataloaders import scene_preprocess as sp
 from utils import egobody
-from utils.io import DataError, atomic_pickle_dump, load_npz_checked
+from utils.io import atomic_pickle_dump, load_npz_checked
 
 log = logging.getLogger('preprocess_scene_s1')
 
@@ -68,14 +67,7 @@ def run(args) -> sp.Summary:
 def main(argv=None) -> sp.Summary:
     parser = sp.base_parser(__doc__.split('\n')[0], split_default='train', save_folder=egobody.S1_FOLDER,
                             uses_body_model=False)
-    args = parser.parse_args(argv)
-    sp.setup_logging()
-    try:
-        summary = run(args)
-    except DataError as exc:
-        sys.exit(f'error: {exc}')
-    print(summary.line(sp.resolve_save_root(args, egobody.S1_FOLDER)))
-    return summary
+    return sp.run_script(parser, run, egobody.S1_FOLDER, argv)
 
 
 if __name__ == '__main__':

@@ -11,7 +11,6 @@ npz order), mapped to the scene frame, with no shift. The yaw of frame i comes f
 """
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 from tqdm import tqdm
@@ -70,14 +69,7 @@ def main(argv=None) -> sp.Summary:
     parser.add_argument('--stage1_result_path', default=STAGE1_RESULT_PATH,
                         help="stage-1 results.pkl whose 'pred_cam_full_list' rows (PV translations, npz order of "
                              "the split) centre the crops")
-    args = parser.parse_args(argv)
-    sp.setup_logging()
-    try:
-        summary = run(args)
-    except DataError as exc:
-        sys.exit(f'error: {exc}')
-    print(summary.line(sp.resolve_save_root(args, egobody.CUBE_FROM_PRED_FOLDER)))
-    return summary
+    return sp.run_script(parser, run, egobody.CUBE_FROM_PRED_FOLDER, argv)
 
 
 if __name__ == '__main__':

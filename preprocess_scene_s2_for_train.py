@@ -12,7 +12,6 @@ body staying inside), keeps the scene points up to cube_size above its lowest po
 """
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 from tqdm import tqdm
@@ -21,7 +20,7 @@ from dataloaders import scene_preprocess as sp
 from utils import egobody
 from utils.body_model import create_smpl
 from utils.geometry import transform_points
-from utils.io import DataError, load_npz_checked
+from utils.io import load_npz_checked
 from utils.run import get_device
 
 
@@ -63,14 +62,7 @@ def main(argv=None) -> sp.Summary:
     parser = sp.base_parser(__doc__.split('\n')[0], split_default='train',
                             save_folder=egobody.CUBE_FROM_GT_FOLDER, uses_body_model=True)
     sp.add_cube_flags(parser)
-    args = parser.parse_args(argv)
-    sp.setup_logging()
-    try:
-        summary = run(args)
-    except DataError as exc:
-        sys.exit(f'error: {exc}')
-    print(summary.line(sp.resolve_save_root(args, egobody.CUBE_FROM_GT_FOLDER)))
-    return summary
+    return sp.run_script(parser, run, egobody.CUBE_FROM_GT_FOLDER, argv)
 
 
 if __name__ == '__main__':

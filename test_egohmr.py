@@ -82,7 +82,6 @@ def check_args(args) -> str:
 
 
 def run(args) -> dict:
-    import torch
     from torch.utils.data import DataLoader
 
     from configs import get_config

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import re
+import sys
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -355,3 +356,15 @@ def resolve_save_root(args: argparse.Namespace, save_folder: str) -> str:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+
+
+def run_script(parser: argparse.ArgumentParser, run, save_folder: str, argv=None) -> 'Summary':
+    """Parse flags, run ``run(args)``, print the summary line; a DataError ends the script with one line."""
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        summary = run(args)
+    except DataError as exc:
+        sys.exit(f'error: {exc}')
+    print(summary.line(resolve_save_root(args, save_folder)))
+    return summary

@@ -402,6 +402,7 @@ def test_mocap_dataset(world, tmp_path):
     assert item['body_pose'].shape == (69,) and item['body_pose'].dtype == np.float32
     assert item['betas'].shape == (10,) and item['betas'].dtype == np.float32
     np.testing.assert_allclose(item['body_pose'], body_pose[-1, 3:], rtol=1e-6)
+    np.testing.assert_allclose(item['betas'], betas[-1], rtol=1e-6)
     np.savez(tmp_path / 'mocap.npz', body_pose=body_pose)
     with pytest.raises(DataError, match=r"mocap\.npz.*'betas'"):
         MoCapDataset(str(tmp_path / 'mocap.npz'))

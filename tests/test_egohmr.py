@@ -30,16 +30,9 @@ NUM_SCENE_POINTS = 500   # the manifest's 20000 is a data choice; any P works
 
 
 @pytest.fixture(scope='module')
-def data_dir(request, tmp_path_factory):
-    """The session's synthetic body-model folder, or a private one if the world generator is not available."""
-    try:
-        import dataloaders.synthetic.world  # noqa: F401
-        return request.getfixturevalue('body_model_dir')
-    except ImportError:
-        from dataloaders.synthetic.body_model import write_body_model_files
-        out = str(tmp_path_factory.mktemp('egohmr_body') / 'data')
-        write_body_model_files(out, num_mocap=4)
-        return out
+def data_dir(body_model_dir):
+    """The session's synthetic body-model folder."""
+    return body_model_dir
 
 
 @pytest.fixture(scope='module')
