@@ -11,7 +11,7 @@ export PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-egl}
 
 case "$DEMO_SIZE" in
   tiny)  RECS=4;  FRAMES=4;  S1_ITERS=8;    S2_ITERS=8;    VAL=4;   BS=4; COAP_ITERS=150;  SAMPLES=2; SDR=20 ;;
-  small) RECS=10; FRAMES=6;  S1_ITERS=150;  S2_ITERS=150;  VAL=50;  BS=4; COAP_ITERS=1200; SAMPLES=5; SDR=10 ;;
+  small) RECS=10; FRAMES=4;  S1_ITERS=100;  S2_ITERS=100;  VAL=50;  BS=4; COAP_ITERS=1200; SAMPLES=5; SDR=10 ;;
   full)  RECS=24; FRAMES=20; S1_ITERS=3000; S2_ITERS=3000; VAL=500; BS=8; COAP_ITERS=2000; SAMPLES=5; SDR=4 ;;
   *) echo "DEMO_SIZE must be tiny, small or full, got '$DEMO_SIZE'" >&2; exit 2 ;;
 esac
@@ -69,7 +69,8 @@ $PY test_egohmr.py "${S2_COMMON[@]}" --timestep_respacing_eval ddpm --with_coap_
 step "8/9 (cont.) collision guidance check on GT translations: ddpm with and without COAP guidance, same seeds"
 for guidance in False True; do
   $PY test_egohmr.py "${S2_COMMON[@]}" --two_stage False --scene_crop_by_stage1_transl False \
-    --timestep_respacing_eval ddpm --with_coap_grad $guidance --save_root "$OUT/results/stage2_gt_ddpm_coap_$guidance"
+    --timestep_respacing_eval ddpm --with_coap_grad $guidance --num_samples 2 --eval_spacing 2 \
+    --save_root "$OUT/results/stage2_gt_ddpm_coap_$guidance"
 done
 
 step "9/9 metrics table"

@@ -6,12 +6,9 @@ shown sample (all samples with ``--render_multi_sample``), stacked and halved, w
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from prohmr_scene.visualize import (RenderContext, make_open3d_hook as _stage1_open3d_hook, render_file_name,
-                                    render_prohmr_rows)
+from prohmr_scene.visualize import RenderContext, make_open3d_hook as _stage1_open3d_hook, write_item0_render
 
 
 def _to_np(x) -> np.ndarray:
@@ -27,25 +24,14 @@ def posed_vertices_full(samples: dict, batch: dict, index: int, count: int) -> n
 def make_render_hook(dataset_root: str, faces: np.ndarray, output_dir: str, render_step: int = 80,
                      num_samples: int = 1, focal_coeff: float = 1500.0, log=print):
     """``on_batch(step, batch, samples, gt)`` callback writing a JPG of batch item 0 every ``render_step`` batches."""
-    import cv2
-    from utils.io import atomic_path
     ctx = RenderContext(dataset_root)
 
     def hook(step, batch, samples, gt):
         if step % render_step:
             return
-        imgname = batch['imgname'][0]
         shown = min(num_samples, samples['vertices'].shape[1])
-        focal = float(batch['fx'][0]) * focal_coeff
-        intrinsics = (focal, focal, float(batch['cam_cx'][0]), float(batch['cam_cy'][0]))
-        figure = render_prohmr_rows(ctx, imgname, posed_vertices_full(samples, batch, 0, shown), faces, intrinsics,
-                                    _to_np(batch['box_center'][0]), float(batch['box_size'][0]),
-                                    _to_np(batch['transf_kinect2holo'][0]), _to_np(batch['transf_holo2pv'][0]))
-        path = os.path.join(output_dir, render_file_name(imgname))
-        with atomic_path(path, suffix='.jpg') as tmp:
-            if not cv2.imwrite(tmp, figure):
-                raise RuntimeError(f"could not write render '{path}'")
-        log(f"render: {path}")
+        write_item0_render(ctx, batch, posed_vertices_full(samples, batch, 0, shown), faces, output_dir,
+                           focal_coeff, log)
 
     hook.close = ctx.close
     return hook

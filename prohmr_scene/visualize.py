@@ -178,29 +178,36 @@ def _to_np(x) -> np.ndarray:
 def make_render_hook(dataset_root: str, faces: np.ndarray, output_dir: str, render_step: int = 8,
                      num_samples: int = 1, log=print):
     """``on_batch`` callback writing a JPG of batch item 0 every ``render_step`` batches (D§5.3)."""
-    import cv2
-    from utils.io import atomic_path
     ctx = RenderContext(dataset_root)
 
     def hook(step, batch, output, pred, gt):
         if step % render_step:
             return
-        imgname = batch['imgname'][0]
         shown = min(num_samples, output['pred_vertices'].shape[1])
         verts = _to_np(output['pred_vertices'][0, :shown] + output['pred_cam_t_full'][0, :shown, None])
-        focal = float(batch['fx'][0]) * 1500.0
-        intrinsics = (focal, focal, float(batch['cam_cx'][0]), float(batch['cam_cy'][0]))
-        figure = render_prohmr_rows(ctx, imgname, verts, faces, intrinsics, _to_np(batch['box_center'][0]),
-                                    float(batch['box_size'][0]), _to_np(batch['transf_kinect2holo'][0]),
-                                    _to_np(batch['transf_holo2pv'][0]))
-        path = os.path.join(output_dir, render_file_name(imgname))
-        with atomic_path(path, suffix='.jpg') as tmp:
-            if not cv2.imwrite(tmp, figure):
-                raise RuntimeError(f"could not write render '{path}'")
-        log(f"render: {path}")
+        write_item0_render(ctx, batch, verts, faces, output_dir, 1500.0, log)
 
     hook.close = ctx.close
     return hook
+
+
+def write_item0_render(ctx, batch, verts: np.ndarray, faces: np.ndarray, output_dir: str, focal_coeff: float,
+                       log=print) -> str:
+    """Render batch item 0 with its samples' PV-frame ``verts [S, V, 3]`` as rows and write the JPG; returns the path."""
+    import cv2
+    from utils.io import atomic_path
+    imgname = batch['imgname'][0]
+    focal = float(batch['fx'][0]) * focal_coeff
+    intrinsics = (focal, focal, float(batch['cam_cx'][0]), float(batch['cam_cy'][0]))
+    figure = render_prohmr_rows(ctx, imgname, verts, faces, intrinsics, _to_np(batch['box_center'][0]),
+                                float(batch['box_size'][0]), _to_np(batch['transf_kinect2holo'][0]),
+                                _to_np(batch['transf_holo2pv'][0]))
+    path = os.path.join(output_dir, render_file_name(imgname))
+    with atomic_path(path, suffix='.jpg') as tmp:
+        if not cv2.imwrite(tmp, figure):
+            raise RuntimeError(f"could not write render '{path}'")
+    log(f"render: {path}")
+    return path
 
 
 def make_open3d_hook(dataset_root: str, faces: np.ndarray, snapshot_dir: str, vis_step: int = 8,
