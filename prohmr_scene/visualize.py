@@ -76,23 +76,41 @@ def _body_mesh(vertices: np.ndarray, faces: np.ndarray):
     return trimesh.Trimesh(vertices=vertices, faces=faces, process=False)
 
 
-def overlay_body(ctx: RenderContext, image: np.ndarray, vertices: np.ndarray, faces: np.ndarray,
-                 intrinsics: Sequence[float]) -> np.ndarray:
-    """Render the body (PV/OpenCV frame) over the BGR ``image`` with intrinsics ``(fx, fy, cx, cy)``."""
+# Distinct colours for the multi-sample row (RGBA), so the spread of the samples is visible.
+SAMPLE_COLORS = [(0.95, 0.35, 0.35, 1.0), (0.35, 0.75, 0.35, 1.0), (0.35, 0.45, 0.95, 1.0), (0.95, 0.75, 0.2, 1.0),
+                 (0.75, 0.35, 0.85, 1.0), (0.2, 0.8, 0.8, 1.0)]
+
+
+def _colored_bodies(vertices: Sequence[np.ndarray], faces: np.ndarray, colors=None) -> list:
+    """``(pyrender-ready trimesh, material)`` per body: the default body material, or ``colors[i]`` cycled."""
     from utils.renderer import body_material
+    if colors is None:
+        return [(_body_mesh(v, faces), body_material()) for v in vertices]
+    return [(_body_mesh(v, faces), body_material(colors[i % len(colors)])) for i, v in enumerate(vertices)]
+
+
+def overlay_body(ctx: RenderContext, image: np.ndarray, vertices: np.ndarray, faces: np.ndarray,
+                 intrinsics: Sequence[float], colors=None) -> np.ndarray:
+    """Render the body (PV/OpenCV frame) over the BGR ``image`` with intrinsics ``(fx, fy, cx, cy)``.
+
+    ``vertices`` is ``[V, 3]`` or, with ``colors``, a stack ``[S, V, 3]`` of bodies drawn in those colours.
+    """
+    bodies = [vertices] if colors is None else list(vertices)
     height, width = image.shape[:2]
-    rgb, depth = ctx.renderer(width, height).render([(_body_mesh(vertices, faces), body_material())], intrinsics)
+    rgb, depth = ctx.renderer(width, height).render(_colored_bodies(bodies, faces, colors), intrinsics)
     mask = (depth > 0)[..., None]
     return np.where(mask, rgb[..., ::-1], image)
 
 
 def render_in_scene(ctx: RenderContext, recording: str, vertices_pv: np.ndarray, faces: np.ndarray,
-                    kinect2pv: np.ndarray) -> np.ndarray:
-    """The body in the scene mesh, seen by the master Kinect colour camera (BGR, 1920x1080)."""
+                    kinect2pv: np.ndarray, colors=None) -> np.ndarray:
+    """The body (or, with ``colors``, the bodies ``[S, V, 3]``) in the scene mesh, seen by the master Kinect
+    colour camera (BGR, 1920x1080)."""
     from utils.geometry import transform_points
-    from utils.renderer import body_material
-    verts_kinect = transform_points(vertices_pv.astype(np.float64), np.linalg.inv(kinect2pv))
-    meshes = [(ctx.scene_in_kinect(recording), None), (_body_mesh(verts_kinect, faces), body_material())]
+    bodies = [vertices_pv] if colors is None else list(vertices_pv)
+    to_kinect = np.linalg.inv(kinect2pv)
+    bodies = [transform_points(v.astype(np.float64), to_kinect) for v in bodies]
+    meshes = [(ctx.scene_in_kinect(recording), None)] + _colored_bodies(bodies, faces, colors)
     rgb, _ = ctx.renderer(*KINECT_SIZE).render(meshes, ctx.kinect_intrinsics(), bg_color=(1.0, 1.0, 1.0, 1.0),
                                                ambient=(0.0, 0.0, 0.0))
     return rgb[..., ::-1]
@@ -102,7 +120,8 @@ def render_prohmr_rows(ctx: RenderContext, imgname: str, vertices: np.ndarray, f
                        intrinsics: Sequence[float], box_center: Sequence[float], box_size: float,
                        kinect2holo: np.ndarray, holo2pv: np.ndarray) -> np.ndarray:
     """One frame's figure: for each sample in ``vertices [S, V, 3]`` (PV frame) a row
-    ``[input + box | overlay | scene render]``; rows stacked and halved (INTER_AREA). Returns BGR uint8."""
+    ``[input + box | overlay | scene render]``, plus (S > 1) a last row with all samples overlaid, one colour each;
+    rows stacked and halved (INTER_AREA). Returns BGR uint8."""
     import cv2
     image = cv2.imread(imgname)
     if image is None:
@@ -111,12 +130,18 @@ def render_prohmr_rows(ctx: RenderContext, imgname: str, vertices: np.ndarray, f
     kinect2pv = egobody.kinect_to_pv(kinect2holo, holo2pv)
     boxed = draw_box(image, box_center, box_size)
     rows = []
-    for verts in vertices:
-        overlay = overlay_body(ctx, image, verts, faces, intrinsics)
-        scene = render_in_scene(ctx, recording, verts, faces, kinect2pv)
+
+    def row(overlay, scene):
         if scene.shape[:2] != image.shape[:2]:
             scene = cv2.resize(scene, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_AREA)
-        rows.append(np.concatenate([boxed, overlay, scene], axis=1))
+        return np.concatenate([boxed, overlay, scene], axis=1)
+
+    for verts in vertices:
+        rows.append(row(overlay_body(ctx, image, verts, faces, intrinsics),
+                        render_in_scene(ctx, recording, verts, faces, kinect2pv)))
+    if len(vertices) > 1:  # all samples at once, one colour each
+        rows.append(row(overlay_body(ctx, image, vertices, faces, intrinsics, colors=SAMPLE_COLORS),
+                        render_in_scene(ctx, recording, vertices, faces, kinect2pv, colors=SAMPLE_COLORS)))
     figure = np.concatenate(rows, axis=0)
     return cv2.resize(figure, (figure.shape[1] // 2, figure.shape[0] // 2), interpolation=cv2.INTER_AREA)
 

@@ -379,14 +379,16 @@ def test_train_then_test_end_to_end(s1_world, tmp_path):
                      '--checkpoint', os.path.join(run_dir, 'best_model.pt'), '--save_root', save_root,
                      '--num_workers', '0', '--batch_size', '4', '--num_samples', '2'] + render)
     assert code == 0
-    if render:   # batch 0 only, one row per sample (2 rows of 3 panels), halved
+    if render:   # batch 0 only: one row per sample plus the all-samples colour row (3 rows of 3 panels), halved
         jpgs = os.listdir(os.path.join(render_root, 'output_prohmr_scene_e2e'))
         assert len(jpgs) == 1 and jpgs[0].startswith('recording_')
         import cv2
         figure = cv2.imread(os.path.join(render_root, 'output_prohmr_scene_e2e', jpgs[0]))
         npz = np.load(os.path.join(s1_world.root, 'annotation_egocentric_smpl_npz', 'egocapture_test_smpl.npz'))
         height, width = cv2.imread(os.path.join(s1_world.root, str(npz['imgname'][0]))).shape[:2]
-        assert figure.shape[:2] == (2 * height // 2, 3 * width // 2)
+        assert figure.shape[:2] == (3 * height // 2, 3 * width // 2)
+        rows = figure.reshape(3, height // 2, 3, width // 2, 3).astype(int)
+        assert np.abs(rows[2, :, 1] - rows[0, :, 1]).max() > 60   # the colour row differs from a pink one
     out_dir = os.path.join(save_root, 'output_prohmr_scene_e2e')
     metrics = json.load(open(os.path.join(out_dir, 'metrics.json')))
     assert set(metrics) == {'G-MPJPE', 'MPJPE', 'PA-MPJPE', 'G-V2V', 'V2V', 'PA-V2V'}
