@@ -16,7 +16,7 @@ import os
 import sys
 
 from utils.cli import (add_data_flags, add_scene_and_camera_flags, add_test_flags, new_parser,
-                       positive_flags_error)
+                       positive_flags_error, render_error)
 from utils.io import DataError
 from utils.run import str2bool
 
@@ -75,6 +75,10 @@ def check_args(args) -> str:
     if args.with_coap_grad and args.timestep_respacing_eval == 'ddim5':
         return ("--with_coap_grad True works with --timestep_respacing_eval ddpm only (the original states DDIM is "
                 "not meant for guidance); add --with_coap_grad False for ddim5")
+    if args.render:
+        error = render_error()
+        if error:
+            return error
     if args.two_stage and not os.path.isfile(args.stage1_result_path):
         return (f"--two_stage: no stage-1 results at --stage1_result_path '{args.stage1_result_path}' "
                 "(run test_prohmr_scene.py first, or pass --two_stage False)")

@@ -10,7 +10,8 @@ import argparse
 import os
 import sys
 
-from utils.cli import add_data_flags, add_scene_and_camera_flags, add_test_flags, new_parser
+from utils.cli import (add_data_flags, add_scene_and_camera_flags, add_test_flags, new_parser,
+                       positive_flags_error, render_error)
 from utils.io import DataError
 from utils.run import str2bool
 
@@ -105,10 +106,13 @@ def main(argv=None) -> int:
     if args.render and args.vis_o3d:
         print("error: --render and --vis_o3d cannot be used together", file=sys.stderr)
         return 2
-    for name in ('batch_size', 'num_samples', 'render_step', 'vis_step'):
-        if getattr(args, name) < 1:
-            print(f"error: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
-            return 2
+    error = positive_flags_error(args, ('batch_size', 'num_samples', 'render_step', 'vis_step',
+                                        'scene_downsample_rate'))
+    if not error and args.render:
+        error = render_error()
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         run(args)
     except (DataError, FileNotFoundError) as exc:

@@ -81,3 +81,10 @@ def positive_flags_error(args, names) -> str:
         if value is not None and value < 1:
             return f"--{name} must be >= 1, got {value}"
     return ''
+
+
+def render_error() -> str:
+    """'' if ``--render`` can work here, else a one-line reason (no OpenGL/EGL), checked before a long run."""
+    from utils.renderer import opengl_unavailable_reason
+    reason = opengl_unavailable_reason()
+    return f"--render needs OpenGL: {reason}" if reason else ''

@@ -101,3 +101,12 @@ class Renderer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def opengl_unavailable_reason() -> str:
+    """'' when an offscreen OpenGL context can be created, else the one-line reason (checked before long runs)."""
+    try:
+        Renderer(8, 8).close()
+    except (RuntimeError, ImportError) as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ''
