@@ -20,11 +20,12 @@ from utils.body_model import SMPL_TO_OPENPOSE
 from utils.geometry import aa_to_rotmat, convert_pare_to_full_img_cam, perspective_projection, rotmat_to_aa
 from utils.io import DataError
 
-SPEC = os.environ.get('EGOHMR_SPEC', '/work/shared/spec')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The spec lies beside the checkout (../shared/spec), as for the other manifest tests.
+SPEC = os.environ.get('EGOHMR_SPEC', os.path.abspath(os.path.join(ROOT, '..', 'shared', 'spec')))
 MANIFEST = os.path.join(SPEC, 'manifests', 'stage1_prohmr_scene.tsv')
 FORWARD_IO = os.path.join(SPEC, 'manifests', 'stage1_forward_io.json')
 NUM_POINTS = 256
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_script(name):
