@@ -136,11 +136,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    with common.stdout_to_stderr():
-        result = run(args)
-    common.print_json(result)
-    return 0
+    return common.bench_main(build_parser, run, argv)
 
 
 if __name__ == '__main__':

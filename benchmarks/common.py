@@ -214,3 +214,12 @@ def stdout_to_stderr():
     with contextlib.redirect_stdout(sys.stderr):
         yield
 
+
+
+def bench_main(build_parser, run, argv=None) -> int:
+    """Parse flags, run the benchmark with progress on stderr, and print its one JSON object on stdout."""
+    args = build_parser().parse_args(argv)
+    with stdout_to_stderr():
+        result = run(args)
+    print_json(result)
+    return 0
