@@ -15,8 +15,7 @@ import sys
 from egohmr.losses import DEFAULT_LOSS_WEIGHTS
 from egohmr.trainer import weight_flag
 from utils.cli import (add_data_flags, add_scene_and_camera_flags, add_training_flags, new_parser,
-                       positive_flags_error)
-from utils.io import DataError
+                       positive_flags_error, run_training)
 from utils.run import str2bool
 
 
@@ -59,17 +58,8 @@ def main(argv=None) -> int:
     if not 0.0 <= args.cond_mask_prob <= 1.0:
         print(f"error: --cond_mask_prob must lie in [0, 1], got {args.cond_mask_prob}", file=sys.stderr)
         return 2
-    try:
-        from configs import PROHMR_YAML, get_config
-        from egohmr.trainer import train
-        args.model_cfg = args.model_cfg or PROHMR_YAML
-        cfg = get_config(args.model_cfg)
-        summary = train(args, cfg, cfg_path=args.model_cfg)
-    except (DataError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"run folder: {summary['run_dir']}")
-    return 0
+    from egohmr.trainer import train
+    return run_training(args, train, errors=(ValueError,))
 
 
 if __name__ == '__main__':

@@ -10,8 +10,7 @@ import argparse
 import sys
 
 from utils.cli import (add_data_flags, add_scene_and_camera_flags, add_training_flags, new_parser,
-                       positive_flags_error)
-from utils.io import DataError
+                       positive_flags_error, run_training)
 from utils.run import str2bool
 
 
@@ -42,17 +41,8 @@ def main(argv=None) -> int:
     if args.batch_size < 2:
         print("error: --batch_size must be >= 2 (batch norm in the flow needs two samples)", file=sys.stderr)
         return 2
-    try:
-        from configs import PROHMR_YAML, get_config
-        from prohmr_scene.trainer import train
-        args.model_cfg = args.model_cfg or PROHMR_YAML
-        cfg = get_config(args.model_cfg)
-        summary = train(args, cfg, cfg_path=args.model_cfg)
-    except (DataError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"run folder: {summary['run_dir']}")
-    return 0
+    from prohmr_scene.trainer import train
+    return run_training(args, train)
 
 
 if __name__ == '__main__':

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from utils.run import str2bool
 
@@ -88,3 +89,21 @@ def render_error() -> str:
     from utils.renderer import opengl_unavailable_reason
     reason = opengl_unavailable_reason()
     return f"--render needs OpenGL: {reason}" if reason else ''
+
+
+def run_training(args, train, errors=()) -> int:
+    """Load ``--model_cfg`` (default configs/prohmr.yaml) and run ``train(args, cfg, cfg_path)``.
+
+    Data problems (and the extra ``errors`` types) end with one ``error:`` line and exit code 1.
+    """
+    from configs import PROHMR_YAML, get_config
+    from utils.io import DataError
+    try:
+        args.model_cfg = args.model_cfg or PROHMR_YAML
+        cfg = get_config(args.model_cfg)
+        summary = train(args, cfg, cfg_path=args.model_cfg)
+    except (DataError, FileNotFoundError) + tuple(errors) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"run folder: {summary['run_dir']}")
+    return 0
