@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='image-conditioned output at visible joints, scene-only output elsewhere')
     p.add_argument('--with_coap_grad', type=str2bool, default=True, help='collision-guided DDPM sampling')
     p.add_argument('--cond_grad_weight', type=float, default=2.0, help='collision guidance weight')
+    p.add_argument('--guide_final_step', type=str2bool, default=False,
+                   help="keep the guided update of the last DDPM step (the original computes it and returns the "
+                        "unguided prediction; True departs from the paper's numbers)")
     p.add_argument('--only_mask_img_cond', type=str2bool, default=True,
                    help='the scene-only pass zeroes only the image features')
     p.add_argument('--pelvis_vis_loosen', type=str2bool, default=True,
@@ -157,7 +160,8 @@ def run(args) -> dict:
                           guidance_weight=args.cond_grad_weight, two_stage=args.two_stage,
                           occupancy_model=occupancy if args.eval_coll_loss else None,
                           eval_contact=args.eval_contact_score, eval_with_vis_mask_pa=args.eval_with_vis_mask_pa,
-                          samples_per_chain=args.samples_per_chain or None, log_freq=args.log_freq, on_batch=hook)
+                          samples_per_chain=args.samples_per_chain or None, log_freq=args.log_freq, on_batch=hook,
+                          guide_final_step=args.guide_final_step)
     finally:
         if hook is not None and hasattr(hook, 'close'):
             hook.close()

@@ -48,13 +48,16 @@ def untile(x: torch.Tensor, times: int) -> torch.Tensor:
 @torch.no_grad()
 def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 'ddpm',
                  guidance_fn: Optional[Callable] = None, guidance_weight: float = 2.0,
-                 samples_per_chain: Optional[int] = None, occupancy_model=None) -> Dict[str, torch.Tensor]:
+                 samples_per_chain: Optional[int] = None, occupancy_model=None,
+                 guide_final_step: bool = False) -> Dict[str, torch.Tensor]:
     """Draw ``num_samples`` poses per frame with full reverse chains; returns ``[bs, S, ...]`` tensors.
 
     Keys: ``global_orient [bs,S,1,3,3]``, ``body_pose [bs,S,23,3,3]``, ``betas [bs,S,10]``, ``rotmats``,
     ``joints [bs,S,45,3]`` and ``vertices [bs,S,V,3]`` (neutral SMPL, no translation), ``vis_mask_smpl [bs,24]``,
     and ``collision_ratio [bs,S]`` (numpy) when ``occupancy_model`` is given. The returned prediction is the model
-    output of the last step (t = 0), as in the original.
+    output of the last step (t = 0), as in the original, which computes the guided update of that step and then
+    discards it (spec quirk 7). ``guide_final_step`` keeps it: the prediction is then the final guided sample
+    ``x̂0 + w·0.01·g`` (DDPM with guidance only; a deliberate, opt-in departure from the original).
     ``samples_per_chain`` bounds the samples batched into one chain (memory); default all.
     """
     if method not in SAMPLING_METHODS:
@@ -77,6 +80,9 @@ def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 
         else:
             result = diffusion.ddim_sample_loop(model, chain_batch, shape, guidance_fn=guidance_fn)
         out = result['other_outputs']
+        if guide_final_step and guidance_fn is not None and method == 'ddpm':
+            with torch.no_grad():
+                out = model.decode(result['sample'], out['condition'], chain_batch)
         piece = {'rotmats': out['pred_rotmats'], 'betas': out['pred_smpl_params']['betas'],
                  'joints': out['pred_keypoints_3d'], 'vertices': out['pred_vertices']}
         if occupancy_model is not None:
@@ -328,7 +334,7 @@ def evaluate(model, diffusion, loader, device, num_samples: int = 1, method: str
              guidance_fn: Optional[Callable] = None, guidance_weight: float = 2.0, two_stage: bool = True,
              occupancy_model=None, eval_contact: bool = True, eval_with_vis_mask_pa: bool = True,
              samples_per_chain: Optional[int] = None, log_freq: int = 100, on_batch: Optional[Callable] = None,
-             progress: bool = True, log=print) -> Dict:
+             progress: bool = True, log=print, guide_final_step: bool = False) -> Dict:
     """The stage-2 test loop (spec models.md §6).
 
     With ``two_stage`` the model's input translation is the stage-1 one (``batch['stage1_transl_full']``); the GT
@@ -352,7 +358,7 @@ def evaluate(model, diffusion, loader, device, num_samples: int = 1, method: str
             batch['smpl_params']['transl'] = batch['stage1_transl_full'].float()
         batch['gt_transl'] = gt_transl
         samples = sample_poses(model, diffusion, batch, num_samples, method, guidance_fn, guidance_weight,
-                               samples_per_chain, occupancy_model)
+                               samples_per_chain, occupancy_model, guide_final_step)
         with torch.no_grad():
             gt_params = dict(batch['smpl_params'], transl=gt_transl)
             gt_vertices, gt_joints = model.gt_smpl_output(gt_params, batch['gender'])

@@ -2,8 +2,9 @@
 
 A trained denoiser reproduces its input near t = 0, which is what lets the guided mean shift of the last steps
 reach the output. The stand-in below is that ideal: it predicts x0 = x_t and keeps everything else of EgoHMR
-(conditioning, betas head, SMPL decoding, the real COAP weights of tests/assets). Bodies are lowered 30 cm into
-the floor so that there are collisions to remove.
+(conditioning, betas head, SMPL decoding, the real COAP weights of tests/assets). The other extreme, a denoiser
+that ignores x_t (as one trained for a few iterations does), shows the original's discarded final guided step and
+``guide_final_step``. Bodies are lowered 30 cm into the floor so that there are collisions to remove.
 """
 import os
 
@@ -25,11 +26,24 @@ class InputReproducingDenoiser(torch.nn.Module):
     def sampling_condition(self, batch):
         return self.model.sampling_condition(batch)
 
+    def decode(self, x, cond, batch):
+        return self.model.decode(x, cond, batch)
+
+    def prediction(self, batch):
+        return batch['x_t'].float()
+
     def forward(self, batch, timesteps):
         cond = batch['condition']
-        output = self.model.decode(batch['x_t'].float(), cond, batch)
+        output = self.model.decode(self.prediction(batch), cond, batch)
         output['condition'] = cond
         return output
+
+
+class InputIgnoringDenoiser(InputReproducingDenoiser):
+    """x0 = the mean pose whatever x_t is: a denoiser after a few training iterations, at its worst."""
+
+    def prediction(self, batch):
+        return torch.zeros_like(batch['x_t']).float()
 
 
 @pytest.fixture(scope='module')
@@ -54,7 +68,7 @@ def lowered_test_batch(synthetic_world, tmp_path_factory):
     return cfg, synthetic_world.data_dir, x_mean, x_std, batch
 
 
-def mean_collision_ratio(lowered_test_batch, weight):
+def guided_samples(lowered_test_batch, weight, denoiser_class=InputReproducingDenoiser, guide_final_step=False):
     from diffusion import create_gaussian_diffusion
     from egohmr import collision
     from egohmr.coap import load_coap_checkpoint
@@ -65,13 +79,17 @@ def mean_collision_ratio(lowered_test_batch, weight):
     torch.manual_seed(0)
     model = EgoHMR(cfg, data_dir=data_dir, body_rep_mean=x_mean, body_rep_std=x_std, with_coap=True).eval()
     load_coap_checkpoint(model.coap, COAP_WEIGHTS)
-    denoiser = InputReproducingDenoiser(model).eval()
+    denoiser = denoiser_class(model).eval()
     guidance = collision.make_guidance_fn(model, model.coap) if weight > 0 else None
     torch.manual_seed(1)
     batch = {k: v for k, v in batch.items() if k != 'condition'}
-    samples = sample_poses(denoiser, create_gaussian_diffusion(50, ''), batch, num_samples=2, method='ddpm',
-                           guidance_fn=guidance, guidance_weight=weight, occupancy_model=model.coap)
-    return float(np.mean(samples['collision_ratio']))
+    return sample_poses(denoiser, create_gaussian_diffusion(50, ''), batch, num_samples=2, method='ddpm',
+                        guidance_fn=guidance, guidance_weight=weight, occupancy_model=model.coap,
+                        guide_final_step=guide_final_step)
+
+
+def mean_collision_ratio(lowered_test_batch, weight, **kwargs):
+    return float(np.mean(guided_samples(lowered_test_batch, weight, **kwargs)['collision_ratio']))
 
 
 def test_guidance_lowers_the_mean_collision_ratio(lowered_test_batch):
@@ -80,3 +98,16 @@ def test_guidance_lowers_the_mean_collision_ratio(lowered_test_batch):
     print(f'mean collision ratio: w=0 {unguided:.5f}, w=2 {guided:.5f}')
     assert unguided > 0, 'the lowered bodies should collide with the floor'
     assert guided < unguided
+
+
+def test_final_guided_step_is_discarded_by_default_and_kept_on_request(lowered_test_batch):
+    """With a denoiser that ignores x_t only the last step's guided update can reach the output: the original
+    discards it (spec quirk 7: guided poses equal unguided ones), ``guide_final_step`` keeps it."""
+    unguided = guided_samples(lowered_test_batch, 0.0, InputIgnoringDenoiser)
+    discarded = guided_samples(lowered_test_batch, 2.0, InputIgnoringDenoiser)
+    assert torch.equal(discarded['rotmats'], unguided['rotmats'])
+    kept = guided_samples(lowered_test_batch, 2.0, InputIgnoringDenoiser, guide_final_step=True)
+    assert not torch.equal(kept['rotmats'], unguided['rotmats'])
+    before, after = float(np.mean(unguided['collision_ratio'])), float(np.mean(kept['collision_ratio']))
+    print(f'input-ignoring denoiser, mean collision ratio: w=0 {before:.5f}, w=2 + final step {after:.5f}')
+    assert before > 0 and after < before

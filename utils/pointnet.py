@@ -49,6 +49,10 @@ class ResnetPointnet(nn.Module):
         self.actvn = nn.ReLU()
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
+        return self.fc_c(self.pooled_features(points))
+
+    def pooled_features(self, points: torch.Tensor) -> torch.Tensor:
+        """The global feature before the output layer: ``relu(max over points)`` ``[B, hidden_dim]``."""
         net = getattr(self, self.pos_layer_name)(points)
         last = len(self.block_ids) - 1
         for k, i in enumerate(self.block_ids):
@@ -56,4 +60,4 @@ class ResnetPointnet(nn.Module):
             if k < last:
                 pooled = net.max(dim=1, keepdim=True)[0].expand_as(net)
                 net = torch.cat([net, pooled], dim=2)
-        return self.fc_c(self.actvn(net.max(dim=1)[0]))
+        return self.actvn(net.max(dim=1)[0])

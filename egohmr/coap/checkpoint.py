@@ -124,22 +124,28 @@ def load_coap_checkpoint(coap, path: str) -> dict:
     return checkpoint
 
 
+FULL_PRECISION_PREFIX = 'encoder.fc_c.'   # kept float32 by save_coap_checkpoint(half_precision=True)
+
+
 def save_coap_checkpoint(coap, path: str, epoch: int = 0, global_step: int = 0,
                          hyper_parameters: Optional[dict] = None, metrics: Optional[dict] = None,
                          half_precision: bool = False) -> None:
     """Write ``coap`` in the official checkpoint layout (atomic).
 
-    ``half_precision`` stores the float tensors as float16 (half the size; they load into float32 models).
+    ``half_precision`` stores the float tensors as float16 (about half the size; they load into float32 models),
+    except the encoder's output layer ``encoder.fc_c``: trained codes subtract nearly equal numbers there
+    (see :func:`egohmr.coap.training.standardise_codes_`), which float16 weights would turn into noise.
     """
-    def stored(value: torch.Tensor) -> torch.Tensor:
+    def stored(name: str, value: torch.Tensor) -> torch.Tensor:
         value = value.detach().cpu().clone()
-        return value.half() if half_precision and value.is_floating_point() else value
+        half = half_precision and value.is_floating_point() and not name.startswith(FULL_PRECISION_PREFIX)
+        return value.half() if half else value
 
     checkpoint = {
         'epoch': int(epoch),
         'global_step': int(global_step),
         'pytorch-lightning_version': TRAINER_TAG,
-        'state_dict': {k: stored(v) for k, v in coap.state_dict().items()},
+        'state_dict': {k: stored(k, v) for k, v in coap.state_dict().items()},
         'hyper_parameters': dict(hyper_parameters or {}),
         'metrics': dict(metrics or {}),
     }

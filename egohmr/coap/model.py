@@ -179,6 +179,14 @@ class COAPBodyModel(nn.Module):
             sample_points_on_faces(vertices, self.partitioner.extended_face_tensor, num_samples - tight),
         ], dim=2)
 
+    def part_surface_features(self, vertices: torch.Tensor, bone_trans: torch.Tensor) -> torch.Tensor:
+        """Pooled point-encoder features ``[B, 16, hidden]`` of random part surface samples in the part frames
+        (the part code is ``encoder.fc_c`` of them)."""
+        local_surface = apply_transform(bone_trans, self.sample_part_surfaces(vertices))   # [B, 16, n, 3]
+        batch = vertices.shape[0]
+        return self.encoder.pooled_features(local_surface.reshape(batch * NUM_PARTS, -1, 3)).reshape(
+            batch, NUM_PARTS, -1)
+
     def encode_body(self, smpl_output) -> dict:
         """Encode a posed body; the result is cached in ``impl_code`` and returned."""
         check_smpl_output(smpl_output)
@@ -186,9 +194,7 @@ class COAPBodyModel(nn.Module):
         batch = vertices.shape[0]
         bone_trans = self.compute_bone_trans(full_pose.reshape(batch, -1), joints)
         bbox_min, bbox_max = self.part_bounds(vertices, bone_trans)
-        surface = self.sample_part_surfaces(vertices)
-        local_surface = apply_transform(bone_trans, surface)                    # [B, 16, n, 3]
-        latent = self.encoder(local_surface.reshape(batch * NUM_PARTS, -1, 3)).reshape(batch, NUM_PARTS, -1)
+        latent = self.encoder.fc_c(self.part_surface_features(vertices, bone_trans))
         self.impl_code = dict(
             full_pose=full_pose, joints=joints, bone_trans=bone_trans, latent_code=latent,
             bbox_min=bbox_min, bbox_max=bbox_max,
