@@ -29,6 +29,8 @@ GUIDANCE_JOINT_WEIGHTS = torch.zeros(NUM_SMPL_JOINTS)
 GUIDANCE_JOINT_WEIGHTS[[1, 2]] = 1.0
 GUIDANCE_JOINT_WEIGHTS[[4, 5, 7, 8, 10, 11]] = 2.0
 COLLISION_MODELS = ('coap', 'exact')
+# Seed of the collision metric's COAP surface samples (see collision_ratio).
+METRIC_SEED = 0
 # Padding for per-body point sets: far outside any body part box (occupancy exactly 0).
 FAR_POINT = 1.0e4
 
@@ -89,13 +91,25 @@ def penetration_loss(occupancy_model, scene_points, vertices, joints, rotmats,
 
 
 @torch.no_grad()
-def collision_ratio(occupancy_model, scene_points, vertices, joints, rotmats) -> np.ndarray:
-    """``#(occupancy > 0.5) / P`` per body ``[B]`` (P = all scene points of that frame; spec §5.6, D§5.2)."""
+def collision_ratio(occupancy_model, scene_points, vertices, joints, rotmats,
+                    seed: Optional[int] = METRIC_SEED) -> np.ndarray:
+    """``#(occupancy > 0.5) / P`` per body ``[B]`` (P = all scene points of that frame; spec §5.6, D§5.2).
+
+    COAP encodes a body from random surface samples (spec quirk 9), so the original's metric is itself random and
+    advances the global RNG. Here its samples come from ``seed`` in a forked RNG (None: the global stream, as the
+    original), so two runs that differ only in guidance score the same body alike.
+    """
     body = body_for_occupancy(vertices, joints, rotmats)
     points, counts = gather_box_points(scene_points, body.vertices)
     if max(counts) == 0:
         return np.zeros(scene_points.shape[0])
-    occupancy = occupancy_model.query(points, body)
+    if seed is None:
+        occupancy = occupancy_model.query(points, body)
+    else:
+        devices = [points.device] if points.device.type == 'cuda' else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            occupancy = occupancy_model.query(points, body)
     return ((occupancy > OCCUPANCY_LEVEL).sum(dim=1).double() / scene_points.shape[1]).cpu().numpy()
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from diffusion.gaussian_diffusion import DDPM_GUIDANCE_FIXED_VARIANCE
 from egohmr import collision
 from egohmr.visibility import in_image_mask
 from utils.metrics import masked_procrustes, similarity_procrustes
@@ -56,8 +57,7 @@ def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 
     ``joints [bs,S,45,3]`` and ``vertices [bs,S,V,3]`` (neutral SMPL, no translation), ``vis_mask_smpl [bs,24]``,
     and ``collision_ratio [bs,S]`` (numpy) when ``occupancy_model`` is given. The returned prediction is the model
     output of the last step (t = 0), as in the original, which computes the guided update of that step and then
-    discards it (spec quirk 7). ``guide_final_step`` keeps it: the prediction is then the final guided sample
-    ``x̂0 + w·0.01·g`` (DDPM with guidance only; a deliberate, opt-in departure from the original).
+    discards it (spec quirk 7); ``guide_final_step`` applies it instead (:func:`final_guided_prediction`).
     ``samples_per_chain`` bounds the samples batched into one chain (memory); default all.
     """
     if method not in SAMPLING_METHODS:
@@ -81,8 +81,7 @@ def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 
             result = diffusion.ddim_sample_loop(model, chain_batch, shape, guidance_fn=guidance_fn)
         out = result['other_outputs']
         if guide_final_step and guidance_fn is not None and method == 'ddpm':
-            with torch.no_grad():
-                out = model.decode(result['sample'], out['condition'], chain_batch)
+            out = final_guided_prediction(model, guidance_fn, guidance_weight, chain_batch, result)
         piece = {'rotmats': out['pred_rotmats'], 'betas': out['pred_smpl_params']['betas'],
                  'joints': out['pred_keypoints_3d'], 'vertices': out['pred_vertices']}
         if occupancy_model is not None:
@@ -98,6 +97,24 @@ def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 
     if 'collision_ratio' in samples:
         samples['collision_ratio'] = samples['collision_ratio'].numpy()
     return samples
+
+
+def final_guided_prediction(model, guidance_fn: Callable, guidance_weight: float, batch: Dict,
+                            result: Dict) -> Dict:
+    """``--guide_final_step`` (opt-in; departs from the original): the returned prediction gets the t = 0 guided
+    update ``x̂0 + w·0.01·g``, with the gradient taken at ``x̂0`` itself rather than at the chain's noisy input.
+
+    The original computes that update and returns the unguided ``x̂0`` (spec quirk 7), so guidance reaches its
+    output only through the denoiser's response to ``x_t`` -- close to none for a briefly trained denoiser.
+    """
+    out = result['other_outputs']
+    x0 = result['pred_xstart']
+    t0 = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
+    grad = guidance_fn(batch, x0, t0, out)
+    with torch.no_grad():
+        guided = model.decode(x0 + guidance_weight * DDPM_GUIDANCE_FIXED_VARIANCE * grad, out['condition'], batch)
+    guided['condition'] = out['condition']
+    return guided
 
 
 # ---------------------------------------------------------------------------------------------------- metrics

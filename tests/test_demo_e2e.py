@@ -46,18 +46,16 @@ def test_demo_writes_finite_metrics_for_every_run(tiny_demo):
     assert '| metric' in stdout
 
 
-def test_collision_guidance_does_not_raise_the_collision_ratio(tiny_demo):
+def test_collision_guidance_lowers_the_collision_ratio(tiny_demo):
     out, _ = tiny_demo
     ratios = {}
     for guidance in ('False', 'True'):
         path = os.path.join(out, 'results', f'stage2_gt_ddpm_coap_{guidance}', 'output_egohmr_demo', 'metrics.json')
         with open(path) as f:
             ratios[guidance] = json.load(f)['collision_ratio']
-    # The tiny demo's denoiser is trained for a few iterations only, so its bodies rarely collide; guidance must
-    # then at least not add collisions. tests/test_guidance.py checks the strict decrease where collisions exist.
-    assert ratios['True'] <= ratios['False']
-    if ratios['False'] > 0:
-        assert ratios['True'] < ratios['False']
+    # Same seeds, GT translations, the tiny world's seated test person; with --guide_final_step (see demo.sh).
+    assert ratios['False'] > 0, 'the guidance check needs collisions to remove'
+    assert ratios['True'] < ratios['False']
 
 
 def test_demo_renders_images(tiny_demo):
