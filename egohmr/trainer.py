@@ -20,7 +20,7 @@ from egohmr.checkpoints import load_backbone_from_prohmr, save_egohmr_checkpoint
 from egohmr.losses import DEFAULT_LOSS_WEIGHTS
 from egohmr.model import EgoHMR
 from utils.io import DataError
-from utils.run import get_logger, log_scalars, open_summary_writer, recursive_to, start_run
+from utils.run import get_logger, log_scalars, open_summary_writer, recursive_to, start_run, training_loop
 
 VAL_METRIC = 'loss_keypoints_3d_vis'
 STATS_DIRNAME = 'preprocess_stats'
@@ -130,8 +130,6 @@ def format_losses(values: Dict[str, float], keys=('loss', VAL_METRIC, 'loss_v2v'
 
 def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
     """The whole stage-2 training run; returns a summary (run dir, iterations, val history)."""
-    from tqdm import tqdm
-
     device, run_dir, logger = start_run(args, cfg_path)
 
     train_set, val_set = build_datasets(args, cfg, run_dir)
@@ -175,37 +173,18 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
             save_egohmr_checkpoint(model, os.path.join(run_dir, 'best_model_vis.pt'))
         logger.info(f"[val] iter {step}: {format_losses(val)}" + ('  -> best_model_vis.pt' if improved else ''))
 
-    max_iters = args.max_iters if args.max_iters is not None else math.inf
-    step, epoch, last_val_step = 0, 0, None
     if args.val_at_start:
         run_validation(0, 0, count_as_best=False)
-        last_val_step = 0
-    total = min(max_iters, args.num_epoch * iters_per_epoch)
-    progress = tqdm(total=None if math.isinf(total) else int(total), desc='train', dynamic_ncols=True)
-    for epoch in range(args.num_epoch):
-        if step >= max_iters:
-            break
-        train_set.set_epoch(epoch)
-        for batch in train_loader:
-            if step >= max_iters:
-                break
-            batch = recursive_to(batch, device)
-            losses = train_step(model, diffusion_train, sampler, batch, optimizer, epoch)
-            step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses['loss']:.3f}")
-            if step % args.log_step == 0:
-                log_scalars(writer, 'train', losses, step)
-                logger.info(f"[train] iter {step} (epoch {epoch}): {format_losses(losses)}")
-            if step % args.val_step == 0:
-                run_validation(step, epoch)
-                last_val_step = step
-            if step % args.save_step == 0:
-                save_egohmr_checkpoint(model, os.path.join(run_dir, 'last_model.pt'))
-    progress.close()
-    if step > 0 and last_val_step != step:  # stopped between validations: evaluate the final weights too
-        run_validation(step, epoch)
-    save_egohmr_checkpoint(model, os.path.join(run_dir, 'last_model.pt'))
+
+    def step_fn(batch: Dict, epoch: int) -> Dict[str, float]:
+        return train_step(model, diffusion_train, sampler, recursive_to(batch, device), optimizer, epoch)
+
+    step, _ = training_loop(
+        train_loader, num_epoch=args.num_epoch, max_iters=args.max_iters, iters_per_epoch=iters_per_epoch,
+        log_step=args.log_step, val_step=args.val_step, save_step=args.save_step, train_step=step_fn,
+        validate=run_validation,
+        save_last=lambda: save_egohmr_checkpoint(model, os.path.join(run_dir, 'last_model.pt')),
+        writer=writer, logger=logger, format_losses=format_losses, validated_at_start=args.val_at_start)
     if writer is not None:
         writer.close()
     logger.info(f"done: {step} iterations; best val {VAL_METRIC} = {best:.2f} mm")

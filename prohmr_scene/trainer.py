@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from prohmr_scene.checkpoints import PROHMR_HINT, load_prohmr_backbone, save_stage1_checkpoint
 from prohmr_scene.model import ProHMRScene
 from utils.io import DataError
-from utils.run import endless, get_logger, log_scalars, open_summary_writer, recursive_to, start_run
+from utils.run import endless, get_logger, log_scalars, open_summary_writer, recursive_to, start_run, training_loop
 
 VAL_METRIC = 'loss_keypoints_3d_mode'
 
@@ -129,8 +129,6 @@ def format_losses(values: Dict[str, float], keys=('loss', VAL_METRIC, 'loss_v2v_
 
 def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
     """The whole stage-1 training run; returns a summary (run dir, iterations, val history)."""
-    from tqdm import tqdm
-
     device, run_dir, logger = start_run(args, cfg_path)
 
     model = build_model(args, cfg, device)
@@ -153,40 +151,20 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
             save_stage1_checkpoint(model, os.path.join(run_dir, 'best_model.pt'))
         logger.info(f"[val] iter {step}: {format_losses(val)}" + ('  -> best_model.pt' if improved else ''))
 
-    max_iters = args.max_iters if args.max_iters is not None else math.inf
-    step, last_val_step = 0, None
     if args.val_at_start:
         data_initialize(model, recursive_to(next(iter(train_loader)), device))
         run_validation(0)
-        last_val_step = 0
-    total = min(max_iters, args.num_epoch * len(train_loader))
-    progress = tqdm(total=None if math.isinf(total) else int(total), desc='train', dynamic_ncols=True)
-    for epoch in range(args.num_epoch):
-        if hasattr(train_loader.dataset, 'set_epoch'):
-            train_loader.dataset.set_epoch(epoch)
-        for batch in train_loader:
-            if step >= max_iters:
-                break
-            batch = recursive_to(batch, device)
-            mocap_batch = recursive_to(next(mocap_iter), device)
-            losses = train_step(model, batch, mocap_batch, optimizer, optimizer_disc)
-            step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses['loss']:.3f}")
-            if step % args.log_step == 0:
-                log_scalars(writer, 'train', losses, step)
-                logger.info(f"[train] iter {step}: {format_losses(losses)}")
-            if step % args.val_step == 0:
-                run_validation(step)
-                last_val_step = step
-            if step % args.save_step == 0:
-                save_stage1_checkpoint(model, os.path.join(run_dir, 'last_model.pt'))
-        if step >= max_iters:
-            break
-    progress.close()
-    if step > 0 and last_val_step != step:  # stopped between validations: evaluate and save the final weights
-        run_validation(step)
-    save_stage1_checkpoint(model, os.path.join(run_dir, 'last_model.pt'))
+
+    def step_fn(batch: Dict, epoch: int) -> Dict[str, float]:
+        return train_step(model, recursive_to(batch, device), recursive_to(next(mocap_iter), device),
+                          optimizer, optimizer_disc)
+
+    step, _ = training_loop(
+        train_loader, num_epoch=args.num_epoch, max_iters=args.max_iters, iters_per_epoch=len(train_loader),
+        log_step=args.log_step, val_step=args.val_step, save_step=args.save_step, train_step=step_fn,
+        validate=lambda step, epoch: run_validation(step),
+        save_last=lambda: save_stage1_checkpoint(model, os.path.join(run_dir, 'last_model.pt')),
+        writer=writer, logger=logger, format_losses=format_losses, validated_at_start=args.val_at_start)
     if writer is not None:
         writer.close()
     logger.info(f"done after {step} iterations; checkpoints in {run_dir}")

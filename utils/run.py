@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import random
 import shutil
 import sys
 import time
-from typing import Iterator
+from typing import Callable, Iterator, Tuple
 
 import numpy as np
 import torch
@@ -132,6 +133,53 @@ def log_scalars(writer, prefix: str, values: dict, step: int) -> None:
         return
     for key, value in values.items():
         writer.add_scalar(f'{prefix}/{key}', value, step)
+
+
+def training_loop(loader, *, num_epoch: int, max_iters, iters_per_epoch: int, log_step: int, val_step: int,
+                  save_step: int, train_step: Callable[[dict, int], dict], validate: Callable[[int, int], None],
+                  save_last: Callable[[], None], writer=None, logger=None,
+                  format_losses: Callable[[dict], str] = str, validated_at_start: bool = False) -> Tuple[int, int]:
+    """The iteration loop both training scripts share; returns ``(iterations done, epoch of the last one)``.
+
+    Per epoch, ``loader.dataset.set_epoch(epoch)`` (where it exists: seeded augmentation) and one pass over
+    ``loader`` calling ``train_step(batch, epoch) -> losses``. Every ``log_step`` iterations the losses go to
+    tensorboard (``train/<name>``) and the log, every ``val_step`` ``validate(step, epoch)`` runs, every
+    ``save_step`` ``save_last()``. A run that stops between validations (``max_iters``) is validated once more;
+    ``save_last()`` always runs at the end. ``max_iters=None`` means no limit (``num_epoch`` epochs).
+    """
+    from tqdm import tqdm
+
+    max_iters = math.inf if max_iters is None else max_iters
+    total = min(max_iters, num_epoch * iters_per_epoch)
+    progress = tqdm(total=None if math.isinf(total) else int(total), desc='train', dynamic_ncols=True)
+    step, last_epoch = 0, 0
+    last_val_step = 0 if validated_at_start else None
+    for epoch in range(num_epoch):
+        if step >= max_iters:
+            break
+        if hasattr(loader.dataset, 'set_epoch'):
+            loader.dataset.set_epoch(epoch)
+        for batch in loader:
+            if step >= max_iters:
+                break
+            losses = train_step(batch, epoch)
+            step, last_epoch = step + 1, epoch
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses['loss']:.3f}")
+            if step % log_step == 0:
+                log_scalars(writer, 'train', losses, step)
+                if logger is not None:
+                    logger.info(f"[train] iter {step} (epoch {epoch}): {format_losses(losses)}")
+            if step % val_step == 0:
+                validate(step, epoch)
+                last_val_step = step
+            if step % save_step == 0:
+                save_last()
+    progress.close()
+    if step > 0 and last_val_step != step:  # stopped between validations: evaluate the final weights too
+        validate(step, last_epoch)
+    save_last()
+    return step, last_epoch
 
 
 def format_table(rows, headers) -> str:

@@ -164,8 +164,9 @@ def iou(pred: torch.Tensor, target: torch.Tensor) -> float:
 class PairPool:
     """Labelled (query point, part) pairs of a pool of encoded training bodies.
 
-    ``features [B,16,128]`` pooled part-surface features (the part codes are ``encoder.fc_c`` of them); per pair ``body``, ``part`` (indices), ``local [P,3]`` (point in the part
-    frame, inside its box) and ``target`` (1: the point is inside the body and the part owns it; 0: outside).
+    ``features [B,16,128]`` pooled part-surface features (the part codes are ``encoder.fc_c`` of them); per pair
+    ``body``, ``part`` (indices), ``local [P,3]`` (point in the part frame, inside its box) and ``target`` (1: the
+    point is inside the body and the part owns it; 0: outside).
     """
 
     features: torch.Tensor

@@ -1,0 +1,67 @@
+"""utils.run.training_loop: the iteration, logging, validation and saving cadence both training scripts share."""
+from utils.run import training_loop
+
+
+class EpochDataset(list):
+    def __init__(self, items):
+        super().__init__(items)
+        self.epochs = []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+
+class Loader:
+    def __init__(self, num_batches):
+        self.dataset = EpochDataset(range(num_batches))
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+    def __len__(self):
+        return len(self.dataset)
+
+
+def run(max_iters, num_epoch=10, num_batches=4, validated_at_start=False):
+    loader = Loader(num_batches)
+    calls = {'train': [], 'val': [], 'save': 0}
+
+    def train_step(batch, epoch):
+        calls['train'].append((epoch, batch))
+        return {'loss': float(len(calls['train']))}
+
+    def validate(step, epoch):
+        calls['val'].append((step, epoch))
+
+    def save_last():
+        calls['save'] += 1
+
+    result = training_loop(loader, num_epoch=num_epoch, max_iters=max_iters, iters_per_epoch=num_batches,
+                           log_step=2, val_step=3, save_step=5, train_step=train_step, validate=validate,
+                           save_last=save_last, validated_at_start=validated_at_start)
+    return result, calls, loader.dataset.epochs
+
+
+def test_stops_at_max_iters_and_validates_the_last_weights_once():
+    (steps, epoch), calls, epochs = run(max_iters=7)
+    assert steps == 7 and epoch == 1
+    assert calls['train'] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2)]
+    assert calls['val'] == [(3, 0), (6, 1), (7, 1)]       # every 3 iterations, then the stopping point
+    assert calls['save'] == 1 + 1                         # iteration 5, then the end of the run
+    assert epochs == [0, 1]                               # seeded augmentation follows the epoch
+
+
+def test_no_extra_validation_when_the_run_ends_on_a_validation_step():
+    (steps, _), calls, _ = run(max_iters=6)
+    assert steps == 6 and calls['val'] == [(3, 0), (6, 1)]
+
+
+def test_without_max_iters_runs_all_epochs():
+    (steps, epoch), calls, epochs = run(max_iters=None, num_epoch=2, num_batches=3)
+    assert steps == 6 and epoch == 1 and epochs == [0, 1]
+    assert [v[0] for v in calls['val']] == [3, 6]
+
+
+def test_zero_iterations_only_saves():
+    (steps, _), calls, epochs = run(max_iters=0, validated_at_start=True)
+    assert steps == 0 and calls['train'] == [] and calls['val'] == [] and calls['save'] == 1 and epochs == []
