@@ -15,8 +15,8 @@ import argparse
 import os
 import sys
 
-from utils.cli import (add_data_flags, add_scene_and_camera_flags, add_test_flags, new_parser,
-                       positive_flags_error, render_error)
+from utils.cli import (add_data_flags, add_scene_and_camera_flags, add_test_flags, close_hook, new_parser,
+                       positive_flags_error, render_error, visual_hook)
 from utils.io import DataError
 from utils.run import str2bool
 
@@ -100,6 +100,7 @@ def run(args) -> dict:
     from egohmr.evaluate import evaluate, format_report, json_safe
     from egohmr.model import EgoHMR
     from egohmr.trainer import respacing_of, sampling_method_of
+    from egohmr.visualize import make_open3d_hook, make_render_hook
     from utils.io import atomic_json_dump, atomic_pickle_dump
     from utils.run import get_device, seed_everything
 
@@ -139,21 +140,12 @@ def run(args) -> dict:
     folder = f'output_egohmr_{model_id}'
     out_dir = os.path.join(args.save_root, folder)
     faces = model.smpl.faces.astype('int64')
-    hook = None
-    if args.render:
-        from egohmr.visualize import make_render_hook
-        hook = make_render_hook(args.dataset_root, faces, os.path.join(args.output_render_root, folder),
-                                args.render_step, args.num_samples if args.render_multi_sample else 1,
-                                focal_coeff=float(cfg.CAM.FX_NORM_COEFF))
-    elif args.vis_o3d:
-        from egohmr.visualize import make_open3d_hook
-        from prohmr_scene.visualize import open3d_available
-        if open3d_available():
-            hook = make_open3d_hook(args.dataset_root, faces, os.path.join(args.output_render_root, folder + '_o3d'),
-                                    args.vis_step, args.vis_o3d_gt)
-        else:
-            print("--vis_o3d: open3d is not installed (pip install open3d); continuing without the viewer")
-
+    hook = visual_hook(
+        args, os.path.join(args.output_render_root, folder),
+        lambda out: make_render_hook(args.dataset_root, faces, out, args.render_step,
+                                     args.num_samples if args.render_multi_sample else 1,
+                                     focal_coeff=float(cfg.CAM.FX_NORM_COEFF)),
+        lambda out: make_open3d_hook(args.dataset_root, faces, out, args.vis_step, args.vis_o3d_gt))
     try:
         result = evaluate(model, diffusion, loader, device, num_samples=args.num_samples,
                           method=sampling_method_of(args.timestep_respacing_eval), guidance_fn=guidance_fn,
@@ -163,8 +155,7 @@ def run(args) -> dict:
                           samples_per_chain=args.samples_per_chain or None, log_freq=args.log_freq, on_batch=hook,
                           guide_final_step=args.guide_final_step)
     finally:
-        if hook is not None and hasattr(hook, 'close'):
-            hook.close()
+        close_hook(hook)
     summary = result['summary']
     print('*** Final Results ***')
     print(format_report(summary))

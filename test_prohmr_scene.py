@@ -10,8 +10,8 @@ import argparse
 import os
 import sys
 
-from utils.cli import (add_data_flags, add_scene_and_camera_flags, add_test_flags, new_parser,
-                       positive_flags_error, render_error)
+from utils.cli import (add_data_flags, add_scene_and_camera_flags, add_test_flags, close_hook, new_parser,
+                       positive_flags_error, render_error, visual_hook)
 from utils.io import DataError
 from utils.run import str2bool
 
@@ -53,6 +53,7 @@ def run(args) -> dict:
     from prohmr_scene.checkpoints import load_stage1_checkpoint
     from prohmr_scene.evaluate import evaluate
     from prohmr_scene.model import ProHMRScene
+    from prohmr_scene.visualize import make_open3d_hook, make_render_hook
     from utils.io import atomic_pickle_dump
     from utils.run import get_device, seed_everything, write_metrics
 
@@ -74,24 +75,16 @@ def run(args) -> dict:
     folder = f'output_prohmr_scene_{model_id}'
     out_dir = os.path.join(args.save_root, folder)
     faces = model.smpl.faces.astype('int64')
-    hook = None
-    if args.render:
-        from prohmr_scene.visualize import make_render_hook
-        hook = make_render_hook(args.dataset_root, faces, os.path.join(args.output_render_root, folder),
-                                args.render_step, args.num_samples if args.render_multi_sample else 1)
-    elif args.vis_o3d:
-        from prohmr_scene.visualize import make_open3d_hook, open3d_available
-        if open3d_available():
-            hook = make_open3d_hook(args.dataset_root, faces, os.path.join(args.output_render_root, folder + '_o3d'),
-                                    args.vis_step, args.vis_o3d_gt)
-        else:
-            print("--vis_o3d: open3d is not installed (pip install open3d); continuing without the viewer")
-
+    render_dir = os.path.join(args.output_render_root, folder)
+    hook = visual_hook(
+        args, render_dir,
+        lambda out: make_render_hook(args.dataset_root, faces, out, args.render_step,
+                                     args.num_samples if args.render_multi_sample else 1),
+        lambda out: make_open3d_hook(args.dataset_root, faces, out, args.vis_step, args.vis_o3d_gt))
     try:
         result = evaluate(model, loader, device, log_freq=args.log_freq, on_batch=hook)
     finally:
-        if hook is not None and hasattr(hook, 'close'):
-            hook.close()
+        close_hook(hook)
     print(write_metrics(result['metrics'], os.path.join(out_dir, 'metrics.json'),
                        title=f"stage-1 test, {result['num_frames']} frames, checkpoint {args.checkpoint}"))
     pkl = results_path(args.save_pred_transl, out_dir)

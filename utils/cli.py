@@ -91,6 +91,29 @@ def render_error() -> str:
     return f"--render needs OpenGL: {reason}" if reason else ''
 
 
+def visual_hook(args, output_dir: str, make_render_hook, make_open3d_hook):
+    """The test scripts' ``on_batch`` hook: renders (``--render``, JPGs under ``output_dir``), the open3d viewer
+    (``--vis_o3d``, PNG snapshots under ``output_dir + '_o3d'`` without a display), or None.
+
+    ``make_render_hook(output_dir)`` / ``make_open3d_hook(snapshot_dir)`` build the stage's hook; without open3d
+    the viewer is skipped with a note.
+    """
+    if args.render:
+        return make_render_hook(output_dir)
+    if args.vis_o3d:
+        from prohmr_scene.visualize import open3d_available
+        if open3d_available():
+            return make_open3d_hook(output_dir + '_o3d')
+        print("--vis_o3d: open3d is not installed (pip install open3d); continuing without the viewer")
+    return None
+
+
+def close_hook(hook) -> None:
+    """Close a hook from :func:`visual_hook` (renderers hold an OpenGL context)."""
+    if hook is not None and hasattr(hook, 'close'):
+        hook.close()
+
+
 def run_training(args, train, errors=()) -> int:
     """Load ``--model_cfg`` (default configs/prohmr.yaml) and run ``train(args, cfg, cfg_path)``.
 

@@ -1,4 +1,5 @@
-"""utils.run.training_loop: the iteration, logging, validation and saving cadence both training scripts share."""
+"""Loops both stages share: utils.run.training_loop (iteration, logging, validation and saving cadence) and the
+test scripts' render / viewer hook (utils.cli.visual_hook)."""
 from utils.run import training_loop
 
 
@@ -65,3 +66,33 @@ def test_without_max_iters_runs_all_epochs():
 def test_zero_iterations_only_saves():
     (steps, _), calls, epochs = run(max_iters=0, validated_at_start=True)
     assert steps == 0 and calls['train'] == [] and calls['val'] == [] and calls['save'] == 1 and epochs == []
+
+
+def test_visual_hook_picks_render_then_viewer_then_nothing(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import prohmr_scene.visualize
+    from utils.cli import close_hook, visual_hook
+
+    made = []
+
+    def factory(kind):
+        def make(out):
+            made.append((kind, out))
+            return SimpleNamespace(close=lambda: made.append(('closed', kind)))
+        return make
+
+    args = SimpleNamespace(render=True, vis_o3d=False)
+    close_hook(visual_hook(args, 'out/x', factory('render'), factory('o3d')))
+    assert made == [('render', 'out/x'), ('closed', 'render')]
+    made.clear()
+    monkeypatch.setattr(prohmr_scene.visualize, 'open3d_available', lambda: True)
+    args = SimpleNamespace(render=False, vis_o3d=True)
+    visual_hook(args, 'out/x', factory('render'), factory('o3d'))
+    assert made == [('o3d', 'out/x_o3d')]
+    made.clear()
+    monkeypatch.setattr(prohmr_scene.visualize, 'open3d_available', lambda: False)
+    assert visual_hook(args, 'out/x', factory('render'), factory('o3d')) is None and made == []
+    assert 'open3d is not installed' in capsys.readouterr().out
+    assert visual_hook(SimpleNamespace(render=False, vis_o3d=False), 'o', factory('r'), factory('v')) is None
+    close_hook(None)
