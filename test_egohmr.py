@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--with_coap_grad', type=str2bool, default=True, help='collision-guided DDPM sampling')
     p.add_argument('--cond_grad_weight', type=float, default=2.0, help='collision guidance weight')
     p.add_argument('--guide_final_step', type=str2bool, default=False,
-                   help="keep the guided update of the last DDPM step (the original computes it and returns the "
-                        "unguided prediction; True departs from the paper's numbers)")
+                   help="with --with_coap_grad True: apply the guided update of the last DDPM step to the returned "
+                        "prediction (the original computes it and returns the unguided prediction; True departs "
+                        "from the paper's numbers)")
     p.add_argument('--only_mask_img_cond', type=str2bool, default=True,
                    help='the scene-only pass zeroes only the image features')
     p.add_argument('--pelvis_vis_loosen', type=str2bool, default=True,
