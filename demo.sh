@@ -12,7 +12,7 @@ export PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-egl}
 # WORLD_SEED: tiny uses a world whose test person sits, so that the guidance check has collisions to remove.
 case "$DEMO_SIZE" in
   tiny)  RECS=4;  FRAMES=4;  S1_ITERS=8;    S2_ITERS=8;    VAL=4;   BS=4; COAP_ITERS=150;  SAMPLES=2; SDR=20; WSEED=9 ;;
-  small) RECS=10; FRAMES=4;  S1_ITERS=80;   S2_ITERS=80;   VAL=40;  BS=4; COAP_ITERS=1200; SAMPLES=5; SDR=10; WSEED=0 ;;
+  small) RECS=10; FRAMES=4;  S1_ITERS=60;   S2_ITERS=60;   VAL=30;  BS=4; COAP_ITERS=1200; SAMPLES=5; SDR=10; WSEED=0 ;;
   full)  RECS=24; FRAMES=20; S1_ITERS=3000; S2_ITERS=3000; VAL=500; BS=8; COAP_ITERS=2000; SAMPLES=5; SDR=4;  WSEED=0 ;;
   *) echo "DEMO_SIZE must be tiny, small or full, got '$DEMO_SIZE'" >&2; exit 2 ;;
 esac
