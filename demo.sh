@@ -69,12 +69,13 @@ $PY test_egohmr.py "${S2_COMMON[@]}" --timestep_respacing_eval ddpm --with_coap_
   --save_root "$OUT/results/stage2_ddpm_coap" --render True --output_render_root "$OUT/render" --render_step 1
 step "8/9 (cont.) collision guidance check on GT translations: ddpm with and without COAP guidance, same seeds"
 # A denoiser trained this briefly ignores its noisy input, so the guided mean shifts of the chain cannot reach its
-# output; --guide_final_step applies the last guided update to the prediction itself (the original discards it).
-# All 20000 scene points (downsample rate 1, as the original tests), so that a push of a few mm shows in the ratio.
+# output; --guide_final_step applies the last guided update (w*0.01*g) to the prediction itself (the original
+# discards it). That one step must carry what a trained denoiser accumulates over the 11 guided steps (about 0.25*g
+# at w = 2), hence w = 10 here. All 20000 scene points (downsample rate 1, as the original tests).
 for guidance in False True; do
   $PY test_egohmr.py "${S2_COMMON[@]}" --two_stage False --scene_crop_by_stage1_transl False \
-    --timestep_respacing_eval ddpm --with_coap_grad $guidance --guide_final_step True --num_samples 2 \
-    --eval_spacing 2 --scene_downsample_rate 1 --save_root "$OUT/results/stage2_gt_ddpm_coap_$guidance"
+    --timestep_respacing_eval ddpm --with_coap_grad $guidance --guide_final_step True --cond_grad_weight 10 \
+    --num_samples 2 --eval_spacing 2 --scene_downsample_rate 1 --save_root "$OUT/results/stage2_gt_ddpm_coap_$guidance"
 done
 
 step "9/9 metrics table"

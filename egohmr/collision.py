@@ -10,6 +10,7 @@ An occupancy model is any object with ``query(points [1,T,3], body) -> [1,T]`` a
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Callable, Optional
 
@@ -29,7 +30,7 @@ GUIDANCE_JOINT_WEIGHTS = torch.zeros(NUM_SMPL_JOINTS)
 GUIDANCE_JOINT_WEIGHTS[[1, 2]] = 1.0
 GUIDANCE_JOINT_WEIGHTS[[4, 5, 7, 8, 10, 11]] = 2.0
 COLLISION_MODELS = ('coap', 'exact')
-# Seed of the collision metric's COAP surface samples (see collision_ratio).
+# Seed of COAP's surface samples in the collision metric and the guidance gradient (see collision_ratio).
 METRIC_SEED = 0
 # Padding for per-body point sets: far outside any body part box (occupancy exactly 0).
 FAR_POINT = 1.0e4
@@ -90,6 +91,18 @@ def penetration_loss(occupancy_model, scene_points, vertices, joints, rotmats,
                            max_point_index)
 
 
+@contextlib.contextmanager
+def seeded_rng(seed: Optional[int], device: torch.device):
+    """Run the block on a forked torch RNG seeded with ``seed`` (the global stream is left untouched); with
+    ``seed=None`` on the global stream itself."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def collision_ratio(occupancy_model, scene_points, vertices, joints, rotmats,
                     seed: Optional[int] = METRIC_SEED) -> np.ndarray:
@@ -103,23 +116,20 @@ def collision_ratio(occupancy_model, scene_points, vertices, joints, rotmats,
     points, counts = gather_box_points(scene_points, body.vertices)
     if max(counts) == 0:
         return np.zeros(scene_points.shape[0])
-    if seed is None:
+    with seeded_rng(seed, points.device):
         occupancy = occupancy_model.query(points, body)
-    else:
-        devices = [points.device] if points.device.type == 'cuda' else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            occupancy = occupancy_model.query(points, body)
     return ((occupancy > OCCUPANCY_LEVEL).sum(dim=1).double() / scene_points.shape[1]).cpu().numpy()
 
 
 def collision_guidance_gradient(model, x_t: torch.Tensor, betas: torch.Tensor, scene_points: torch.Tensor,
-                                occupancy_model=None) -> Optional[torch.Tensor]:
+                                occupancy_model=None, seed: Optional[int] = METRIC_SEED) -> Optional[torch.Tensor]:
     """The original's guidance gradient ``[B,144]`` (spec §5.7), or None when no body touches any scene point.
 
     The gradient of ``-mean_i L_i`` is taken w.r.t. the DE-normalised 6D pose of the noisy input ``x_t`` (betas
     detached), then weighted per joint by :data:`GUIDANCE_JOINT_WEIGHTS`. Callers add it in normalised space
-    without the ``Xstd`` factor (quirk 2).
+    without the ``Xstd`` factor (quirk 2). COAP's surface samples come from ``seed`` in a forked RNG (see
+    :func:`collision_ratio`; None: the global stream, as the original), so guidance leaves the diffusion noise of
+    the chain as it is without guidance: guided and unguided runs of one seed differ by the guidance alone.
     """
     occupancy_model = occupancy_model if occupancy_model is not None else model.coap
     with torch.enable_grad():
@@ -129,10 +139,11 @@ def collision_guidance_gradient(model, x_t: torch.Tensor, betas: torch.Tensor, s
         smpl_out = model.smpl(global_orient=rotmats[:, :1], body_pose=rotmats[:, 1:], betas=betas.detach(),
                               pose2rot=False)
         body = body_for_occupancy(smpl_out.vertices, smpl_out.joints, rotmats)
-        losses = per_body_losses(occupancy_model, scene_points, body, max_point_index=None)
-        if not bool((losses != 0).any()):
-            return None
-        grad = torch.autograd.grad(-losses.mean(), pose_6d)[0]
+        with seeded_rng(seed, x_t.device):
+            losses = per_body_losses(occupancy_model, scene_points, body, max_point_index=None)
+            if not bool((losses != 0).any()):
+                return None
+            grad = torch.autograd.grad(-losses.mean(), pose_6d)[0]
     weights = GUIDANCE_JOINT_WEIGHTS.to(grad.device, grad.dtype)
     return (grad.reshape(bs, NUM_SMPL_JOINTS, 6) * weights[None, :, None]).reshape(bs, -1).detach()
 
