@@ -31,7 +31,7 @@ GUIDANCE_JOINT_WEIGHTS[[1, 2]] = 1.0
 GUIDANCE_JOINT_WEIGHTS[[4, 5, 7, 8, 10, 11]] = 2.0
 COLLISION_MODELS = ('coap', 'exact')
 # Seed of COAP's surface samples in the collision metric and the guidance gradient (see collision_ratio).
-METRIC_SEED = 0
+COAP_SAMPLE_SEED = 0
 # Padding for per-body point sets: far outside any body part box (occupancy exactly 0).
 FAR_POINT = 1.0e4
 
@@ -105,7 +105,7 @@ def seeded_rng(seed: Optional[int], device: torch.device):
 
 @torch.no_grad()
 def collision_ratio(occupancy_model, scene_points, vertices, joints, rotmats,
-                    seed: Optional[int] = METRIC_SEED) -> np.ndarray:
+                    seed: Optional[int] = COAP_SAMPLE_SEED) -> np.ndarray:
     """``#(occupancy > 0.5) / P`` per body ``[B]`` (P = all scene points of that frame; spec §5.6, D§5.2).
 
     COAP encodes a body from random surface samples (spec quirk 9), so the original's metric is itself random and
@@ -122,7 +122,7 @@ def collision_ratio(occupancy_model, scene_points, vertices, joints, rotmats,
 
 
 def collision_guidance_gradient(model, x_t: torch.Tensor, betas: torch.Tensor, scene_points: torch.Tensor,
-                                occupancy_model=None, seed: Optional[int] = METRIC_SEED) -> Optional[torch.Tensor]:
+                                occupancy_model=None, seed: Optional[int] = COAP_SAMPLE_SEED) -> Optional[torch.Tensor]:
     """The original's guidance gradient ``[B,144]`` (spec §5.7), or None when no body touches any scene point.
 
     The gradient of ``-mean_i L_i`` is taken w.r.t. the DE-normalised 6D pose of the noisy input ``x_t`` (betas

@@ -152,14 +152,6 @@ def render_file_name(imgname: str, ext: str = '.jpg') -> str:
     return f'{recording}_{frame}{ext}'
 
 
-def open3d_available() -> bool:
-    try:
-        import open3d  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def show_open3d(scene_points: np.ndarray, pred_vertices: np.ndarray, faces: np.ndarray,
                 gt_vertices: Optional[np.ndarray] = None, scene_mesh_pv=None, snapshot_path: str = None) -> str:
     """Open an open3d window (with a display) or save a PNG snapshot (headless) of the scene points, the

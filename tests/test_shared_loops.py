@@ -71,7 +71,7 @@ def test_zero_iterations_only_saves():
 def test_visual_hook_picks_render_then_viewer_then_nothing(monkeypatch, capsys):
     from types import SimpleNamespace
 
-    import prohmr_scene.visualize
+    import utils.renderer
     from utils.cli import close_hook, visual_hook
 
     made = []
@@ -86,12 +86,12 @@ def test_visual_hook_picks_render_then_viewer_then_nothing(monkeypatch, capsys):
     close_hook(visual_hook(args, 'out/x', factory('render'), factory('o3d')))
     assert made == [('render', 'out/x'), ('closed', 'render')]
     made.clear()
-    monkeypatch.setattr(prohmr_scene.visualize, 'open3d_available', lambda: True)
+    monkeypatch.setattr(utils.renderer, 'open3d_available', lambda: True)
     args = SimpleNamespace(render=False, vis_o3d=True)
     visual_hook(args, 'out/x', factory('render'), factory('o3d'))
     assert made == [('o3d', 'out/x_o3d')]
     made.clear()
-    monkeypatch.setattr(prohmr_scene.visualize, 'open3d_available', lambda: False)
+    monkeypatch.setattr(utils.renderer, 'open3d_available', lambda: False)
     assert visual_hook(args, 'out/x', factory('render'), factory('o3d')) is None and made == []
     assert 'open3d is not installed' in capsys.readouterr().out
     assert visual_hook(SimpleNamespace(render=False, vis_o3d=False), 'o', factory('r'), factory('v')) is None

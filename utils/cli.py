@@ -101,7 +101,7 @@ def visual_hook(args, output_dir: str, make_render_hook, make_open3d_hook):
     if args.render:
         return make_render_hook(output_dir)
     if args.vis_o3d:
-        from prohmr_scene.visualize import open3d_available
+        from utils.renderer import open3d_available
         if open3d_available():
             return make_open3d_hook(output_dir + '_o3d')
         print("--vis_o3d: open3d is not installed (pip install open3d); continuing without the viewer")

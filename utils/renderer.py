@@ -103,6 +103,15 @@ class Renderer:
         self.close()
 
 
+def open3d_available() -> bool:
+    """Whether open3d imports here (it needs a system library a fresh machine may lack)."""
+    try:
+        import open3d  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
 def opengl_unavailable_reason() -> str:
     """'' when an offscreen OpenGL context can be created, else the one-line reason (checked before long runs)."""
     try:
