@@ -215,7 +215,6 @@ def stdout_to_stderr():
         yield
 
 
-
 def bench_main(build_parser, run, argv=None) -> int:
     """Parse flags, run the benchmark with progress on stderr, and print its one JSON object on stdout."""
     args = build_parser().parse_args(argv)
