@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 
+from utils.cli import add_bool_flag
+
 os.environ.setdefault('PYOPENGL_PLATFORM', 'egl')
 
 
@@ -33,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--image_height', type=int, default=1080, help='PV image height in pixels')
     parser.add_argument('--render_scale', type=float, default=0.5,
                         help='render at this fraction of the image size, then resize up (1 = full resolution)')
-    parser.add_argument('--no_render', action='store_true', help='skip rendering the jpg images')
+    add_bool_flag(parser, '--no_render', False, 'skip rendering the jpg images')
     args = parser.parse_args(argv)
     if args.num_recordings < 3:
         parser.error(f"--num_recordings must be >= 3 (one recording per split at least), got {args.num_recordings}")

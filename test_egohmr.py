@@ -99,6 +99,7 @@ def run(args) -> dict:
     from egohmr import collision
     from egohmr.checkpoints import checkpoint_run_dir, load_egohmr_weights
     from egohmr.evaluate import evaluate, format_report, json_safe
+    from egohmr.guidance import CollisionGuidance
     from egohmr.model import EgoHMR
     from egohmr.trainer import respacing_of, sampling_method_of
     from egohmr.visualize import make_open3d_hook, make_render_hook
@@ -108,7 +109,7 @@ def run(args) -> dict:
     if args.save_pred_transl is not None:
         print("note: --save_pred_transl is a stage-1 option; test_egohmr.py ignores it (use --save_results)")
     seed_everything(args.seed)
-    device = get_device(args.gpu_id)
+    device = get_device(args.gpu_id, args.device)
     cfg = get_config(args.model_cfg, overrides=['TRAIN.NUM_TEST_SAMPLES', args.num_samples])
     x_mean, x_std = load_body_rep_stats(args.stats_path or checkpoint_run_dir(args.checkpoint))
     need_collision = args.eval_coll_loss or args.with_coap_grad
@@ -125,10 +126,10 @@ def run(args) -> dict:
     model.to(device).eval()
     occupancy = (collision.build_occupancy_model(model, args.collision_model, args.coap_checkpoint)
                  if need_collision else None)
-    guidance_fn = collision.make_guidance_fn(model, occupancy) if args.with_coap_grad else None
+    guidance = CollisionGuidance(model, occupancy, args.cond_grad_weight) if args.with_coap_grad else None
     diffusion = create_gaussian_diffusion(args.num_diffusion_timesteps, respacing_of(args.timestep_respacing_eval))
     print(f"loaded '{args.checkpoint}'; sampling {args.timestep_respacing_eval}, {args.num_samples} sample(s), "
-          f"guidance {'on (w=%g)' % args.cond_grad_weight if guidance_fn else 'off'}")
+          f"guidance {'on (w=%g)' % args.cond_grad_weight if guidance else 'off'}")
 
     dataset = EgoBodyDataset(cfg, args.dataset_root, split='test', data_dir=args.data_dir, spacing=args.eval_spacing,
                              add_scale=args.add_bbox_scale, do_augment=False, scene_type=args.scene_type,
@@ -149,8 +150,8 @@ def run(args) -> dict:
         lambda out: make_open3d_hook(args.dataset_root, faces, out, args.vis_step, args.vis_o3d_gt))
     try:
         result = evaluate(model, diffusion, loader, device, num_samples=args.num_samples,
-                          method=sampling_method_of(args.timestep_respacing_eval), guidance_fn=guidance_fn,
-                          guidance_weight=args.cond_grad_weight, two_stage=args.two_stage,
+                          method=sampling_method_of(args.timestep_respacing_eval), guidance=guidance,
+                          two_stage=args.two_stage,
                           occupancy_model=occupancy if args.eval_coll_loss else None,
                           eval_contact=args.eval_contact_score, eval_with_vis_mask_pa=args.eval_with_vis_mask_pa,
                           samples_per_chain=args.samples_per_chain or None, log_freq=args.log_freq, on_batch=hook,
@@ -162,7 +163,7 @@ def run(args) -> dict:
     print(format_report(summary))
     record = dict(summary['metrics'], num_frames=summary['num_frames'], num_samples=summary['num_samples'],
                   notes=summary['notes'], checkpoint=args.checkpoint, sampling=args.timestep_respacing_eval,
-                  guidance=bool(guidance_fn), seed=args.seed)
+                  guidance=guidance is not None, seed=args.seed)
     metrics_path = os.path.join(out_dir, 'metrics.json')
     atomic_json_dump(json_safe(record), metrics_path)
     print(f"metrics written to {metrics_path}")

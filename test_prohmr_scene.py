@@ -58,7 +58,7 @@ def run(args) -> dict:
     from utils.run import get_device, seed_everything, write_metrics
 
     seed_everything(args.seed)
-    device = get_device(args.gpu_id)
+    device = get_device(args.gpu_id, args.device)
     cfg = get_config(args.model_cfg, overrides=['TRAIN.NUM_TEST_SAMPLES', args.num_samples])
     model = ProHMRScene(cfg, data_dir=args.data_dir, with_focal_length=args.with_focal_length,
                         with_bbox_info=args.with_bbox_info, with_cam_center=args.with_cam_center,

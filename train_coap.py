@@ -20,7 +20,9 @@ from tqdm import tqdm
 from egohmr.coap.checkpoint import save_coap_checkpoint
 from egohmr.coap.training import TrainSettings, load_mocap, train_coap
 from utils.body_model import SMPL_GENDERS, create_smpl
+from utils.cli import add_bool_flag, add_device_flags
 from utils.io import DataError
+from utils.run import get_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,10 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='posed training bodies prepared (encoded and labelled) before training')
     p.add_argument('--bf16', default='auto', choices=('auto', 'on', 'off'),
                    help='train under bfloat16 autocast (auto: on CPUs with native bf16 kernels)')
-    p.add_argument('--half_precision', action='store_true', help='store the weights as float16 (half the size)')
+    add_bool_flag(p, '--half_precision', False, 'store the weights as float16 (half the size)')
     p.add_argument('--eval_bodies', type=int, default=defaults.eval_bodies, help='held-out bodies for the IoU')
     p.add_argument('--seed', type=int, default=defaults.seed)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    add_device_flags(p)
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
     args = p.parse_args(argv)
     for name in ('iters', 'batch_size', 'pool_bodies', 'eval_bodies'):
@@ -58,6 +60,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     mocap = args.mocap or os.path.join(args.data_dir, 'datasets', 'cmu_mocap.npz')
     try:
+        device = get_device(args.gpu_id, args.device)
         body_model = create_smpl(args.data_dir, args.gender)
         pose = load_mocap(mocap)
     except (DataError, ValueError) as exc:
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
         bar.update(1)
         bar.set_postfix(loss=f'{loss:.4f}', refresh=False)
 
-    coap, metrics = train_coap(body_model, pose, settings, progress=progress, device=args.device, log=bar.write)
+    coap, metrics = train_coap(body_model, pose, settings, progress=progress, device=device, log=bar.write)
     bar.close()
     save_coap_checkpoint(coap, args.out, epoch=0, global_step=settings.iters,
                          hyper_parameters=dict(vars(args), mocap=mocap, **metrics['settings']),

@@ -71,8 +71,8 @@ def build_model(world, cfg, stats_set, with_coap: bool, device):
 def measure(model, batch, methods, sample_counts, args, device) -> dict:
     """Every (method, S) figure; see the module docstring."""
     from diffusion import create_gaussian_diffusion
-    from egohmr import collision
     from egohmr.evaluate import sample_poses
+    from egohmr.guidance import CollisionGuidance
 
     memory = common.PeakMemory(device)
     frames = batch['fx'].shape[0]
@@ -85,15 +85,14 @@ def measure(model, batch, methods, sample_counts, args, device) -> dict:
     for name in methods:
         sampler, respacing, guided, chain_steps = parse_method(name, args.steps)
         diffusion = create_gaussian_diffusion(args.steps, respacing)
-        guidance_fn = collision.make_guidance_fn(model, model.coap) if guided else None
+        guidance = CollisionGuidance(model, model.coap, GUIDANCE_WEIGHT) if guided else None
         for count in sample_counts:
             common.log(f"{name}, {count} sample(s): {chain_steps} steps x {args.repeats} repeat(s) "
                        f"(+{args.warmup} warm-up)")
             memory.reset()
 
             def run():
-                return sample_poses(model, diffusion, batch, count, sampler, guidance_fn=guidance_fn,
-                                    guidance_weight=GUIDANCE_WEIGHT)
+                return sample_poses(model, diffusion, batch, count, sampler, guidance=guidance)
 
             timing = common.time_call(run, device, args.repeats, args.warmup)
             per_image = timing['mean_s'] / frames

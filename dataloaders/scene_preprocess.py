@@ -27,6 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from utils import egobody
+from utils.cli import add_bool_flag
 from utils.geometry import transform_points
 from utils.io import DataError, atomic_np_save, require_file
 
@@ -314,8 +315,7 @@ def base_parser(description: str, split_default: str, save_folder: str,
                         help='folder holding smpl/smpl/SMPL_{MALE,FEMALE}.pkl' if uses_body_model else
                         'body-model folder; not used by this script (accepted so all preprocessing scripts share '
                         'one command line)')
-    parser.add_argument('--skip_existing', action='store_true',
-                        help='keep outputs that already exist instead of recomputing them')
+    add_bool_flag(parser, '--skip_existing', False, 'keep outputs that already exist instead of recomputing them')
     return parser
 
 

@@ -1,36 +1,30 @@
-"""Gaussian diffusion for models that predict x0 (EgoHMR stage 2), pure math.
+"""Gaussian diffusion for models that predict x0, pure math (knows nothing of the task it serves).
 
-Follows the structure of OpenAI's guided-diffusion, reduced to what EgoHMR uses:
+Follows the structure of OpenAI's guided-diffusion, reduced to what an x0-predicting model needs:
 
 * the network predicts the clean sample x0 ("START_X"); the reverse-process variance is the fixed
   posterior variance ("FIXED_SMALL"); no clipping of x0;
 * timesteps are passed to the network as integer indices of the ORIGINAL schedule (no rescaling);
-* the network is called as ``model(batch, t) -> dict`` with the current noisy sample written into
-  ``batch['x_t']`` beforehand; the dict must hold ``'pred_x_start'`` (same shape as x);
-* optional guidance hooks for DDPM (``p_sample_with_grad`` semantics) and DDIM.
+* the network is opaque: ``model(x_t, t, **model_kwargs) -> dict`` holding ``'pred_x_start'`` (x's shape);
+  nothing is written into ``model_kwargs``;
+* guidance enters only through hooks, called under ``torch.enable_grad()`` with a detached ``x`` (the model
+  calls are under ``torch.no_grad()``), with the RESPACED step index ``t`` of the chain being run and the step's
+  ``p_mean_var`` dict (``mean``, ``variance``, ``log_variance``, ``pred_xstart``, ``model_output``):
+
+  - DDPM, ``cond_mean_fn(x, t, p_mean_var, **model_kwargs) -> shift or None``: the shift is added to the
+    posterior mean (guided-diffusion's ``condition_mean`` with the rule left to the hook);
+  - DDIM, ``cond_score_fn(x, t, p_mean_var, **model_kwargs) -> g or None``: ``eps <- eps - sqrt(1 - abar_t) g``
+    and x0 is recomputed from eps (guided-diffusion's ``condition_score``).
+
+  None means "no guidance at this step"; a returned tensor must have x's shape.
 
 Schedule tables are float64 numpy arrays; values gathered for a batch of timesteps are cast to
 float32 before they multiply tensors (as the original implementation does).
-
-Guidance hook contract: ``guidance_fn(batch, x_t, t, model_outputs) -> grad or None`` where ``x_t`` is
-the current noisy input [bs, ...], ``t`` the ORIGINAL timesteps (LongTensor [bs]) and ``model_outputs``
-the model's output dict for this step. It is called under ``torch.enable_grad()`` (the model calls are
-under ``torch.no_grad()``); the returned gradient is detached and must have the shape of ``x_t``.
-Returning None means "no guidance at this step".
 """
 import numpy as np
 import torch
 
 MODEL_OUTPUT_KEY = "pred_x_start"
-
-# DDPM guidance (EgoHMR p_sample_with_grad): applied for original t <= 10; for t >= 5 the mean shift is
-# w * posterior_variance_t * g, below that the variance is replaced by a constant 0.01.
-DDPM_GUIDANCE_MAX_T = 10
-DDPM_GUIDANCE_MIN_T_FOR_VARIANCE = 5
-DDPM_GUIDANCE_FIXED_VARIANCE = 0.01
-# DDIM guidance (EgoHMR ddim_sample_with_grad): applied for RESPACED j <= 3, scale 1 (no weight).
-DDIM_GUIDANCE_MAX_J = 3
-DDIM_GUIDANCE_SCALE = 1.0
 
 
 def extract_into_tensor(table, timesteps, broadcast_shape):
@@ -70,16 +64,16 @@ def _timestep_iterator(num_steps, progress):
 
 
 def _loop_result(step_out):
-    """Final result of a sampling loop: the last step's sample, x0 prediction and model outputs.
+    """Final result of a sampling loop: the last step's sample, x0 prediction and model output dict (j = 0)."""
+    return {"sample": step_out["sample"], "pred_xstart": step_out["pred_xstart"],
+            "model_output": step_out["model_output"]}
 
-    ``'outputs'`` and ``'other_outputs'`` are the same dict (the model output at the last step, j = 0).
-    """
-    return {
-        "sample": step_out["sample"],
-        "pred_xstart": step_out["pred_xstart"],
-        "other_outputs": step_out["other_outputs"],
-        "outputs": step_out["other_outputs"],
-    }
+
+def _check_hook_result(name, value, x):
+    if value is not None and value.shape != x.shape:
+        raise ValueError(f"{name} returned a tensor of shape {tuple(value.shape)}, "
+                         f"expected {tuple(x.shape)} (the shape of x_t)")
+    return None if value is None else value.detach()
 
 
 class GaussianDiffusion:
@@ -176,19 +170,16 @@ class GaussianDiffusion:
                 / extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
 
     # ------------------------------------------------------------------ reverse process
-    def p_mean_variance(self, model, batch, x, t, clip_denoised=False, denoised_fn=None):
+    def p_mean_variance(self, model, x, t, model_kwargs=None):
         """Run the model at (x, t) and form p(x_{t-1} | x_t).
 
-        Writes ``batch['x_t'] = x`` and calls ``model(batch, original_t)``. ``clip_denoised`` and
-        ``denoised_fn`` are accepted for API compatibility and ignored (EgoHMR never clips).
+        Calls ``model(x, original_t, **model_kwargs)``; EgoHMR never clips x0, so there is no clipping option.
 
-        :return: dict(mean, variance, log_variance, pred_xstart, other_outputs=model output dict).
+        :return: dict(mean, variance, log_variance, pred_xstart, model_output=the model's output dict).
         """
-        del clip_denoised, denoised_fn  # intentionally unused
         if t.shape != (x.shape[0],):
             raise ValueError(f"timesteps must have shape ({x.shape[0]},), got {tuple(t.shape)}")
-        batch["x_t"] = x
-        outputs = model(batch, self.original_timesteps(t))
+        outputs = model(x, self.original_timesteps(t), **(model_kwargs or {}))
         if not isinstance(outputs, dict) or MODEL_OUTPUT_KEY not in outputs:
             raise ValueError(f"model output must be a dict with key '{MODEL_OUTPUT_KEY}'")
         pred_xstart = outputs[MODEL_OUTPUT_KEY]
@@ -197,99 +188,78 @@ class GaussianDiffusion:
                              f"expected {tuple(x.shape)} (the shape of x_t)")
         mean, variance, log_variance = self.q_posterior_mean_variance(pred_xstart, x, t)
         return {"mean": mean, "variance": variance, "log_variance": log_variance,
-                "pred_xstart": pred_xstart, "other_outputs": outputs}
+                "pred_xstart": pred_xstart, "model_output": outputs}
 
-    def _call_guidance(self, guidance_fn, batch, x, t, outputs):
-        """Run the guidance hook with gradients enabled; return a detached gradient or None."""
+    def condition_mean(self, cond_mean_fn, p_mean_var, x, t, model_kwargs=None):
+        """The posterior mean plus the hook's shift (unchanged where the hook returns None)."""
         with torch.enable_grad():
-            grad = guidance_fn(batch, x, self.original_timesteps(t), outputs)
+            shift = cond_mean_fn(x.detach(), t, p_mean_var, **(model_kwargs or {}))
+        shift = _check_hook_result("cond_mean_fn", shift, x)
+        return p_mean_var["mean"] if shift is None else p_mean_var["mean"] + shift
+
+    def condition_score(self, cond_score_fn, p_mean_var, x, t, model_kwargs=None):
+        """The x0 prediction after ``eps <- eps - sqrt(1 - abar_t) g`` with the hook's g (unchanged for None)."""
+        with torch.enable_grad():
+            grad = cond_score_fn(x.detach(), t, p_mean_var, **(model_kwargs or {}))
+        grad = _check_hook_result("cond_score_fn", grad, x)
         if grad is None:
-            return None
-        if grad.shape != x.shape:
-            raise ValueError(f"guidance_fn returned a gradient of shape {tuple(grad.shape)}, "
-                             f"expected {tuple(x.shape)} (the shape of x_t)")
-        return grad.detach()
+            return p_mean_var["pred_xstart"]
+        with torch.no_grad():
+            eps = self.predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
+            eps = eps - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x.shape) * grad
+            return self.predict_xstart_from_eps(x, t, eps)
 
-    def p_sample(self, model, batch, x, t, guidance_fn=None, guidance_weight=1.0,
-                 clip_denoised=False, denoised_fn=None):
-        """One DDPM step x_t -> x_{t-1}, optionally guided (EgoHMR ``p_sample_with_grad``).
+    def p_sample(self, model, x, t, model_kwargs=None, cond_mean_fn=None):
+        """One DDPM step x_t -> x_{t-1}: model, draw eps, guidance hook (this order matters for the RNG stream).
 
-        Order of operations (matters for the RNG stream): model, draw eps, guidance hook.
-        Guidance applies where the ORIGINAL timestep is <= 10: mean += w * var * g with var the unclipped
-        posterior variance for t >= 5, else the constant 0.01.
-
-        :return: dict(sample, pred_xstart, other_outputs).
+        :return: dict(sample, pred_xstart, model_output).
         """
         with torch.no_grad():
-            out = self.p_mean_variance(model, batch, x, t, clip_denoised, denoised_fn)
+            out = self.p_mean_variance(model, x, t, model_kwargs)
             noise = torch.randn_like(x)
         mean = out["mean"]
-        if guidance_fn is not None:
-            t_orig = self.original_timesteps(t)
-            guided = t_orig <= DDPM_GUIDANCE_MAX_T
-            if bool(guided.any()):
-                grad = self._call_guidance(guidance_fn, batch, x, t, out["other_outputs"])
-                if grad is not None:
-                    fixed = torch.full_like(out["variance"], guidance_weight * DDPM_GUIDANCE_FIXED_VARIANCE)
-                    use_variance = (t_orig >= DDPM_GUIDANCE_MIN_T_FOR_VARIANCE).reshape(
-                        (-1,) + (1,) * (x.dim() - 1))
-                    coef = torch.where(use_variance, guidance_weight * out["variance"], fixed)
-                    coef = coef * guided.float().reshape((-1,) + (1,) * (x.dim() - 1))
-                    mean = mean + coef * grad
+        if cond_mean_fn is not None:
+            mean = self.condition_mean(cond_mean_fn, out, x, t, model_kwargs)
         with torch.no_grad():
             nonzero = (t != 0).float().reshape((-1,) + (1,) * (x.dim() - 1))
             sample = mean + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"], "other_outputs": out["other_outputs"]}
+        return {"sample": sample, "pred_xstart": out["pred_xstart"], "model_output": out["model_output"]}
 
-    def p_sample_loop_progressive(self, model, batch, shape, noise=None, device=None, progress=False,
-                                  guidance_fn=None, guidance_weight=1.0, clip_denoised=False, denoised_fn=None):
+    def p_sample_loop_progressive(self, model, shape, noise=None, model_kwargs=None, cond_mean_fn=None,
+                                  device=None, progress=False):
         """Yield the dict of every DDPM step, from j = N-1 down to 0 (see :meth:`p_sample`)."""
         device = _default_device(model, noise, device)
         x = noise if noise is not None else torch.randn(*shape, device=device)
         for j in _timestep_iterator(self.num_timesteps, progress):
             t = torch.full((x.shape[0],), j, dtype=torch.long, device=device)
-            step = self.p_sample(model, batch, x, t, guidance_fn=guidance_fn, guidance_weight=guidance_weight,
-                                 clip_denoised=clip_denoised, denoised_fn=denoised_fn)
+            step = self.p_sample(model, x, t, model_kwargs, cond_mean_fn)
             yield step
             x = step["sample"]
 
-    def p_sample_loop(self, model, batch, shape, noise=None, device=None, progress=False,
-                      guidance_fn=None, guidance_weight=1.0, clip_denoised=False, denoised_fn=None):
+    def p_sample_loop(self, model, shape, noise=None, model_kwargs=None, cond_mean_fn=None, device=None,
+                      progress=False):
         """Full DDPM reverse chain from x_N ~ N(0, I) (or ``noise``).
 
         :param shape: shape of x, e.g. (bs, 144).
-        :param guidance_fn: optional hook (module docstring); ``guidance_weight`` is w (EgoHMR COAP: 2.0).
-        :return: dict(sample=final x, pred_xstart, other_outputs=outputs=model output dict of the last step j=0).
+        :param cond_mean_fn: optional guidance hook (module docstring).
+        :return: dict(sample=final x, pred_xstart, model_output=model output dict of the last step j=0).
         """
         final = None
-        for step in self.p_sample_loop_progressive(model, batch, shape, noise=noise, device=device,
-                                                   progress=progress, guidance_fn=guidance_fn,
-                                                   guidance_weight=guidance_weight,
-                                                   clip_denoised=clip_denoised, denoised_fn=denoised_fn):
+        for step in self.p_sample_loop_progressive(model, shape, noise, model_kwargs, cond_mean_fn, device,
+                                                   progress):
             final = step
         return _loop_result(final)
 
-    def ddim_sample(self, model, batch, x, t, eta=0.0, guidance_fn=None, clip_denoised=False, denoised_fn=None):
-        """One DDIM step x_t -> x_{t-1}, optionally guided (EgoHMR ``ddim_sample_with_grad``).
+    def ddim_sample(self, model, x, t, model_kwargs=None, cond_score_fn=None, eta=0.0):
+        """One DDIM step x_t -> x_{t-1}: model, guidance hook, draw eps (this order matters for the RNG stream).
 
-        Order of operations (matters for the RNG stream): model, guidance hook, draw eps.
-        Guidance applies where the RESPACED index j <= 3: eps <- eps - sqrt(1 - abar_j) g (scale 1), then
-        x0 is recomputed from eps and detached.
-
-        :return: dict(sample, pred_xstart, other_outputs).
+        :return: dict(sample, pred_xstart, model_output).
         """
         with torch.no_grad():
-            out = self.p_mean_variance(model, batch, x, t, clip_denoised, denoised_fn)
+            out = self.p_mean_variance(model, x, t, model_kwargs)
         pred_xstart = out["pred_xstart"]
-        if guidance_fn is not None and bool((t <= DDIM_GUIDANCE_MAX_J).any()):
-            grad = self._call_guidance(guidance_fn, batch, x, t, out["other_outputs"])
-            if grad is not None:
-                with torch.no_grad():
-                    guided = (t <= DDIM_GUIDANCE_MAX_J).float().reshape((-1,) + (1,) * (x.dim() - 1))
-                    eps = self.predict_eps_from_xstart(x, t, pred_xstart)
-                    sqrt_one_minus_abar = extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x.shape)
-                    eps = eps - guided * sqrt_one_minus_abar * grad * DDIM_GUIDANCE_SCALE
-                    pred_xstart = self.predict_xstart_from_eps(x, t, eps).detach()
+        if cond_score_fn is not None:
+            pred_xstart = self.condition_score(cond_score_fn, out, x, t, model_kwargs)
         with torch.no_grad():
             eps = self.predict_eps_from_xstart(x, t, pred_xstart)
             abar = extract_into_tensor(self.alphas_cumprod, t, x.shape)
@@ -299,44 +269,40 @@ class GaussianDiffusion:
             mean_pred = pred_xstart * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
             nonzero = (t != 0).float().reshape((-1,) + (1,) * (x.dim() - 1))
             sample = mean_pred + nonzero * sigma * noise
-        return {"sample": sample, "pred_xstart": pred_xstart, "other_outputs": out["other_outputs"]}
+        return {"sample": sample, "pred_xstart": pred_xstart, "model_output": out["model_output"]}
 
-    def ddim_sample_loop_progressive(self, model, batch, shape, eta=0.0, noise=None, device=None, progress=False,
-                                     guidance_fn=None, clip_denoised=False, denoised_fn=None):
+    def ddim_sample_loop_progressive(self, model, shape, noise=None, model_kwargs=None, cond_score_fn=None,
+                                     eta=0.0, device=None, progress=False):
         """Yield the dict of every DDIM step, from j = N-1 down to 0 (see :meth:`ddim_sample`)."""
         device = _default_device(model, noise, device)
         x = noise if noise is not None else torch.randn(*shape, device=device)
         for j in _timestep_iterator(self.num_timesteps, progress):
             t = torch.full((x.shape[0],), j, dtype=torch.long, device=device)
-            step = self.ddim_sample(model, batch, x, t, eta=eta, guidance_fn=guidance_fn,
-                                    clip_denoised=clip_denoised, denoised_fn=denoised_fn)
+            step = self.ddim_sample(model, x, t, model_kwargs, cond_score_fn, eta)
             yield step
             x = step["sample"]
 
-    def ddim_sample_loop(self, model, batch, shape, eta=0.0, noise=None, device=None, progress=False,
-                         guidance_fn=None, clip_denoised=False, denoised_fn=None):
+    def ddim_sample_loop(self, model, shape, noise=None, model_kwargs=None, cond_score_fn=None, eta=0.0,
+                         device=None, progress=False):
         """Full DDIM reverse chain (deterministic given x_N for eta = 0; one randn is still drawn per step).
-
-        The guided DDIM path (EgoHMR §5.9) is implemented, but the original authors state DDIM is not meant
-        for guidance; callers (test scripts) should refuse ddim + guidance unless explicitly enabled.
 
         :return: same structure as :meth:`p_sample_loop`.
         """
         final = None
-        for step in self.ddim_sample_loop_progressive(model, batch, shape, eta=eta, noise=noise, device=device,
-                                                      progress=progress, guidance_fn=guidance_fn,
-                                                      clip_denoised=clip_denoised, denoised_fn=denoised_fn):
+        for step in self.ddim_sample_loop_progressive(model, shape, noise, model_kwargs, cond_score_fn, eta,
+                                                      device, progress):
             final = step
         return _loop_result(final)
 
-    def sample(self, model, batch, shape, method="ddpm", noise=None, device=None, progress=False,
-               guidance_fn=None, guidance_weight=1.0, eta=0.0):
+    def sample(self, model, shape, method="ddpm", noise=None, model_kwargs=None, guidance=None, eta=0.0,
+               device=None, progress=False):
         """Run a full reverse chain with ``method`` 'ddpm' (:meth:`p_sample_loop`) or 'ddim'
-        (:meth:`ddim_sample_loop`; ``guidance_weight`` is ignored there, as in EgoHMR)."""
+        (:meth:`ddim_sample_loop`). ``guidance``: None, or an object with ``condition_mean`` (DDPM) and
+        ``condition_score`` (DDIM) hooks of the module docstring's signatures."""
         if method == "ddpm":
-            return self.p_sample_loop(model, batch, shape, noise=noise, device=device, progress=progress,
-                                      guidance_fn=guidance_fn, guidance_weight=guidance_weight)
+            hook = None if guidance is None else guidance.condition_mean
+            return self.p_sample_loop(model, shape, noise, model_kwargs, hook, device, progress)
         if method == "ddim":
-            return self.ddim_sample_loop(model, batch, shape, eta=eta, noise=noise, device=device,
-                                         progress=progress, guidance_fn=guidance_fn)
+            hook = None if guidance is None else guidance.condition_score
+            return self.ddim_sample_loop(model, shape, noise, model_kwargs, hook, eta, device, progress)
         raise ValueError(f"unknown sampling method {method!r}; expected 'ddpm' or 'ddim'")

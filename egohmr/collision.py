@@ -1,4 +1,4 @@
-"""Glue between the stage-2 model and a body-occupancy model (COAP) (spec models.md §5.4-§5.8).
+"""Glue between the stage-2 model and a body-occupancy model (COAP); the guidance rule is in ``egohmr.guidance``.
 
 Everything happens in the canonical frame: scene points minus the input translation, and the neutral SMPL body of
 the predicted pose and betas without translation. Only the scene points inside each body's axis-aligned vertex box are
@@ -12,23 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from smplx.utils import SMPLOutput
 
 from utils.body_model import NUM_SMPL_JOINTS
-from utils.geometry import rot6d_to_rotmat, rotmat_to_aa
+from utils.geometry import rotmat_to_aa
 
 OCCUPANCY_LEVEL = 0.5
 # Training loss: with more than this many points in the body box, only those among the first 4000 stored points are
 # kept (spec §5.5 / quirk 10; reproduced for parity).
 TRAIN_POINT_CAP = 4000
-# Guidance gradient weight per SMPL joint (spec §5.7 steps 7-8): hips x1; knees, ankles, feet x2; the rest 0.
-GUIDANCE_JOINT_WEIGHTS = torch.zeros(NUM_SMPL_JOINTS)
-GUIDANCE_JOINT_WEIGHTS[[1, 2]] = 1.0
-GUIDANCE_JOINT_WEIGHTS[[4, 5, 7, 8, 10, 11]] = 2.0
 COLLISION_MODELS = ('coap', 'exact')
 # Seed of COAP's surface samples in the collision metric and the guidance gradient (see collision_ratio).
 COAP_SAMPLE_SEED = 0
@@ -119,46 +115,6 @@ def collision_ratio(occupancy_model, scene_points, vertices, joints, rotmats,
     with seeded_rng(seed, points.device):
         occupancy = occupancy_model.query(points, body)
     return ((occupancy > OCCUPANCY_LEVEL).sum(dim=1).double() / scene_points.shape[1]).cpu().numpy()
-
-
-def collision_guidance_gradient(model, x_t: torch.Tensor, betas: torch.Tensor, scene_points: torch.Tensor,
-                                occupancy_model=None, seed: Optional[int] = COAP_SAMPLE_SEED) -> Optional[torch.Tensor]:
-    """The original's guidance gradient ``[B,144]`` (spec §5.7), or None when no body touches any scene point.
-
-    The gradient of ``-mean_i L_i`` is taken w.r.t. the DE-normalised 6D pose of the noisy input ``x_t`` (betas
-    detached), then weighted per joint by :data:`GUIDANCE_JOINT_WEIGHTS`. Callers add it in normalised space
-    without the ``Xstd`` factor (quirk 2). COAP's surface samples come from ``seed`` in a forked RNG (see
-    :func:`collision_ratio`; None: the global stream, as the original), so guidance leaves the diffusion noise of
-    the chain as it is without guidance: guided and unguided runs of one seed differ by the guidance alone.
-    """
-    occupancy_model = occupancy_model if occupancy_model is not None else model.coap
-    with torch.enable_grad():
-        pose_6d = model.denormalize_pose(x_t.detach()).requires_grad_(True)
-        bs = pose_6d.shape[0]
-        rotmats = rot6d_to_rotmat(pose_6d, mode='diffusion').reshape(bs, NUM_SMPL_JOINTS, 3, 3)
-        smpl_out = model.smpl(global_orient=rotmats[:, :1], body_pose=rotmats[:, 1:], betas=betas.detach(),
-                              pose2rot=False)
-        body = body_for_occupancy(smpl_out.vertices, smpl_out.joints, rotmats)
-        with seeded_rng(seed, x_t.device):
-            losses = per_body_losses(occupancy_model, scene_points, body, max_point_index=None)
-            if not bool((losses != 0).any()):
-                return None
-            grad = torch.autograd.grad(-losses.mean(), pose_6d)[0]
-    weights = GUIDANCE_JOINT_WEIGHTS.to(grad.device, grad.dtype)
-    return (grad.reshape(bs, NUM_SMPL_JOINTS, 6) * weights[None, :, None]).reshape(bs, -1).detach()
-
-
-def make_guidance_fn(model, occupancy_model=None) -> Callable:
-    """A ``guidance_fn(batch, x_t, t, outputs)`` hook for the diffusion sampling loops.
-
-    Uses the step's predicted betas and the canonical scene points of the cached condition. Returns zeros (not
-    None) when nothing collides, so an all-zero step still runs the guided update as the original does.
-    """
-    def guidance_fn(batch, x_t, t, outputs):
-        grad = collision_guidance_gradient(model, x_t, outputs['pred_smpl_params']['betas'],
-                                           outputs['condition']['scene_points'], occupancy_model)
-        return torch.zeros_like(x_t) if grad is None else grad
-    return guidance_fn
 
 
 def build_occupancy_model(model, name: str = 'coap', coap_checkpoint: Optional[str] = None):

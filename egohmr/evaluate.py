@@ -17,8 +17,8 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from diffusion.gaussian_diffusion import DDPM_GUIDANCE_FIXED_VARIANCE
 from egohmr import collision
+from egohmr.guidance import SAMPLES_IN_CHAIN_KEY, CollisionGuidance
 from egohmr.visibility import in_image_mask
 from utils.metrics import masked_procrustes, similarity_procrustes
 
@@ -35,10 +35,12 @@ def tile(x: torch.Tensor, times: int) -> torch.Tensor:
 
 
 def sampling_batch(batch: Dict, condition: Dict[str, torch.Tensor], times: int) -> Dict:
-    """The minimal batch a cached-condition forward needs, tiled ``times`` along the batch dimension."""
+    """The minimal batch a cached-condition forward needs, tiled ``times`` along the batch dimension; it records
+    that ``times`` samples share the chain (guidance averages over the images of one sample)."""
     return {'fx': tile(batch['fx'], times), 'cam_cx': tile(batch['cam_cx'], times),
             'cam_cy': tile(batch['cam_cy'], times),
-            'condition': {k: tile(v, times) for k, v in condition.items()}}
+            'condition': {k: tile(v, times) for k, v in condition.items()},
+            SAMPLES_IN_CHAIN_KEY: times}
 
 
 def untile(x: torch.Tensor, times: int) -> torch.Tensor:
@@ -48,17 +50,18 @@ def untile(x: torch.Tensor, times: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 'ddpm',
-                 guidance_fn: Optional[Callable] = None, guidance_weight: float = 2.0,
-                 samples_per_chain: Optional[int] = None, occupancy_model=None,
-                 guide_final_step: bool = False) -> Dict[str, torch.Tensor]:
+                 guidance: Optional[CollisionGuidance] = None, samples_per_chain: Optional[int] = None,
+                 occupancy_model=None, guide_final_step: bool = False) -> Dict[str, torch.Tensor]:
     """Draw ``num_samples`` poses per frame with full reverse chains; returns ``[bs, S, ...]`` tensors.
 
     Keys: ``global_orient [bs,S,1,3,3]``, ``body_pose [bs,S,23,3,3]``, ``betas [bs,S,10]``, ``rotmats``,
     ``joints [bs,S,45,3]`` and ``vertices [bs,S,V,3]`` (neutral SMPL, no translation), ``vis_mask_smpl [bs,24]``,
     and ``collision_ratio [bs,S]`` (numpy) when ``occupancy_model`` is given. The returned prediction is the model
     output of the last step (t = 0), as in the original, which computes the guided update of that step and then
-    discards it (spec quirk 7); ``guide_final_step`` applies it instead (:func:`final_guided_prediction`).
-    ``samples_per_chain`` bounds the samples batched into one chain (memory); default all.
+    discards it; ``guide_final_step`` applies it instead (:meth:`CollisionGuidance.final_step`).
+    ``guidance``: the collision guidance (DDPM and DDIM hooks), or None. ``samples_per_chain`` bounds the samples
+    batched into one chain (memory); default all. Each body gets the guidance gradient of its own sample's chain
+    however many samples share one chain.
     """
     if method not in SAMPLING_METHODS:
         raise ValueError(f"sampling method must be one of {SAMPLING_METHODS}, got {method!r}")
@@ -73,15 +76,11 @@ def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 
     while done < num_samples:
         times = min(chunk, num_samples - done)
         chain_batch = sampling_batch(batch, condition, times)
-        shape = (times * bs, 6 * 24)
-        if method == 'ddpm':
-            result = diffusion.p_sample_loop(model, chain_batch, shape, guidance_fn=guidance_fn,
-                                             guidance_weight=guidance_weight)
-        else:
-            result = diffusion.ddim_sample_loop(model, chain_batch, shape, guidance_fn=guidance_fn)
-        out = result['other_outputs']
-        if guide_final_step and guidance_fn is not None and method == 'ddpm':
-            out = final_guided_prediction(model, guidance_fn, guidance_weight, chain_batch, result)
+        result = diffusion.sample(model.denoise, (times * bs, 6 * 24), method=method,
+                                  model_kwargs={'batch': chain_batch}, guidance=guidance, device=model.device)
+        out = result['model_output']
+        if guide_final_step and guidance is not None and method == 'ddpm':
+            out = final_guided_prediction(model, guidance, chain_batch, result)
         piece = {'rotmats': out['pred_rotmats'], 'betas': out['pred_smpl_params']['betas'],
                  'joints': out['pred_keypoints_3d'], 'vertices': out['pred_vertices']}
         if occupancy_model is not None:
@@ -99,20 +98,17 @@ def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 
     return samples
 
 
-def final_guided_prediction(model, guidance_fn: Callable, guidance_weight: float, batch: Dict,
-                            result: Dict) -> Dict:
+def final_guided_prediction(model, guidance: CollisionGuidance, batch: Dict, result: Dict) -> Dict:
     """``--guide_final_step`` (opt-in; departs from the original): the returned prediction gets the t = 0 guided
     update ``x̂0 + w·0.01·g``, with the gradient taken at ``x̂0`` itself rather than at the chain's noisy input.
 
-    The original computes that update and returns the unguided ``x̂0`` (spec quirk 7), so guidance reaches its
-    output only through the denoiser's response to ``x_t`` -- close to none for a briefly trained denoiser.
+    The original computes that update and returns the unguided ``x̂0``, so guidance reaches its output only through
+    the denoiser's response to ``x_t`` -- close to none for a briefly trained denoiser.
     """
-    out = result['other_outputs']
-    x0 = result['pred_xstart']
-    t0 = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
-    grad = guidance_fn(batch, x0, t0, out)
+    out = result['model_output']
+    guided_x0 = guidance.final_step(result['pred_xstart'], out, batch)
     with torch.no_grad():
-        guided = model.decode(x0 + guidance_weight * DDPM_GUIDANCE_FIXED_VARIANCE * grad, out['condition'], batch)
+        guided = model.decode(guided_x0, out['condition'], batch)
     guided['condition'] = out['condition']
     return guided
 
@@ -348,7 +344,7 @@ def json_safe(value):
 
 # ---------------------------------------------------------------------------------------------------- test loop
 def evaluate(model, diffusion, loader, device, num_samples: int = 1, method: str = 'ddpm',
-             guidance_fn: Optional[Callable] = None, guidance_weight: float = 2.0, two_stage: bool = True,
+             guidance: Optional[CollisionGuidance] = None, two_stage: bool = True,
              occupancy_model=None, eval_contact: bool = True, eval_with_vis_mask_pa: bool = True,
              samples_per_chain: Optional[int] = None, log_freq: int = 100, on_batch: Optional[Callable] = None,
              progress: bool = True, log=print, guide_final_step: bool = False) -> Dict:
@@ -374,8 +370,8 @@ def evaluate(model, diffusion, loader, device, num_samples: int = 1, method: str
                 raise ValueError("--two_stage needs the stage-1 translations (dataset built with load_stage1_transl)")
             batch['smpl_params']['transl'] = batch['stage1_transl_full'].float()
         batch['gt_transl'] = gt_transl
-        samples = sample_poses(model, diffusion, batch, num_samples, method, guidance_fn, guidance_weight,
-                               samples_per_chain, occupancy_model, guide_final_step)
+        samples = sample_poses(model, diffusion, batch, num_samples, method, guidance, samples_per_chain,
+                               occupancy_model, guide_final_step)
         with torch.no_grad():
             gt_params = dict(batch['smpl_params'], transl=gt_transl)
             gt_vertices, gt_joints = model.gt_smpl_output(gt_params, batch['gender'])

@@ -99,6 +99,8 @@ def compute_losses(model, batch: Dict, output: Dict, cur_epoch: int = 0) -> torc
     loss = sum(model.loss_weights[name] * value for name, value in terms.items())
     losses = {'loss': loss.detach()}
     losses.update({f'loss_{name}': value.detach() for name, value in terms.items()})
+    # The original returns this key in training too, as 0; logs and loss-dict readers see the same keys.
+    losses['loss_keypoints_3d_vis_batch_sum'] = pred_joints.new_zeros(())
     if not model.training:
         focal, center = model.camera_intrinsics(batch)
         vis_sum, vis_num = visible_joint_error_sum(pred_joints, batch['keypoints_3d'].float(),

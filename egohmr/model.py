@@ -294,18 +294,20 @@ class EgoHMR(nn.Module):
         return torch.where(drop[:, None, None], cond * keep, cond)
 
     # ------------------------------------------------------------------------------------------------ forward
-    def forward(self, batch, timesteps: torch.Tensor) -> Dict:
-        """Denoise ``batch['x_t'] [B,144]`` at original timesteps ``[B]``; see the module docstring for caching.
+    def forward(self, batch, timesteps: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> Dict:
+        """Denoise ``x_t [B,144]`` (default ``batch['x_t']``) at original timesteps ``[B]``; see the module
+        docstring for caching. Nothing is written into ``batch``.
 
-        Writes ``batch['vis_mask_smpl']``. Returns ``pred_x_start``, ``pred_smpl_params`` (rotation matrices, betas),
-        ``pred_pose_6d``, ``pred_keypoints_3d``, ``pred_vertices``, ``pred_keypoints_3d_full``,
-        ``pred_keypoints_2d_full`` (manifest shapes) plus ``pred_rotmats [B,24,3,3]`` and ``condition``.
+        Returns ``pred_x_start``, ``pred_smpl_params`` (rotation matrices, betas), ``pred_pose_6d``,
+        ``pred_keypoints_3d``, ``pred_vertices``, ``pred_keypoints_3d_full``, ``pred_keypoints_2d_full`` (manifest
+        shapes) plus ``pred_rotmats [B,24,3,3]``, ``vis_mask_smpl [B,24]`` (the original writes it into the batch)
+        and ``condition``.
         """
         cond = batch.get('condition')
         if cond is None:
             cond = self.encode_condition(batch)
-        batch['vis_mask_smpl'] = cond['vis_mask_smpl']
-        x_t = batch['x_t']
+        if x_t is None:
+            x_t = batch['x_t']
         bs = x_t.shape[0]
         x_feat = self.input_process(x_t.reshape(bs, NUM_SMPL_JOINTS, 6).float())
         t_feat = self.embed_timestep(timesteps)[:, None, :].expand(-1, NUM_SMPL_JOINTS, -1)
@@ -318,8 +320,13 @@ class EgoHMR(nn.Module):
             joint_cond = self.mask_cond(self.joint_condition(cond))
             pred = self.diffusion_model(torch.cat([joint_cond, x_feat, t_feat], dim=-1))
         output = self.decode(pred.reshape(bs, BODY_REP_DIM), cond, batch)
+        output['vis_mask_smpl'] = cond['vis_mask_smpl']
         output['condition'] = cond
         return output
+
+    def denoise(self, x_t: torch.Tensor, timesteps: torch.Tensor, batch) -> Dict:
+        """The diffusion core's model contract ``model(x_t, t, **model_kwargs)``: :meth:`forward` with ``x_t``."""
+        return self(batch, timesteps, x_t=x_t)
 
     def _fused_prediction(self, joint_cond, x_feat, t_feat, vis_mask) -> torch.Tensor:
         """diffuse_fuse (spec §4): scene-only output, with the image-conditioned output at visible joints.

@@ -81,8 +81,8 @@ def train_step(model: EgoHMR, diffusion, sampler: UniformSampler, batch: Dict, o
     bs = batch['img'].shape[0]
     t, _ = sampler.sample(bs, batch['img'].device)
     x_start = model.x_start_from_smpl_params(batch['smpl_params'])
-    batch['x_t'] = diffusion.q_sample(x_start, t, noise=torch.randn_like(x_start))
-    output = model(batch, t)
+    x_t = diffusion.q_sample(x_start, t, noise=torch.randn_like(x_start))
+    output = model(batch, t, x_t=x_t)
     loss = model.compute_loss(batch, output, cur_epoch=epoch)
     optimizer.zero_grad()
     loss.backward()
@@ -103,11 +103,9 @@ def validate(model: EgoHMR, diffusion, loader, device, method: str = 'ddim', epo
         batch = recursive_to(batch, device)
         batch['condition'] = model.sampling_condition(batch)
         shape = (batch['img'].shape[0], 144)
-        if method == 'ddpm':
-            result = diffusion.p_sample_loop(model, batch, shape)
-        else:
-            result = diffusion.ddim_sample_loop(model, batch, shape)
-        output = result['other_outputs']
+        result = diffusion.sample(model.denoise, shape, method='ddpm' if method == 'ddpm' else 'ddim',
+                                  model_kwargs={'batch': batch}, device=device)
+        output = result['model_output']
         model.compute_loss(batch, output, cur_epoch=epoch)
         for key, value in output['losses'].items():
             if key == 'loss_keypoints_3d_vis_batch_sum':

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 
 LU_DIAG_EPS = 1e-3        # diag(U) = softplus(unconstrained) + eps
 ACTNORM_MIN_STD = 1e-3    # std clamp of the data-dependent ActNorm initialisation
-BATCH_NORM_EPS = 1e-3     # nflows' ResidualBlock batch norm
+# ProHMR's nflows fork builds the ResidualBlock batch norms as BatchNorm1d(features, affine=True), i.e. with
+# PyTorch's default eps 1e-5; upstream nflows uses 1e-3, but that is not the library the checkpoints were trained with.
+BATCH_NORM_EPS = 1e-5
 
 
 class Transform(nn.Module):

@@ -279,13 +279,21 @@ class ProHMRScene(nn.Module):
         return loss, {k: v.detach() for k, v in terms.items()}
 
     def _nll_target(self, gt_params: Dict, train: bool) -> torch.Tensor:
-        """GT 6D pose ``[B, 1, 144]``; in training each of global_orient, body_pose, betas gets N(0, 0.005^2)."""
-        if train:
-            ratio = float(self.cfg.TRAIN.SMPL_PARAM_NOISE_RATIO)
-            # one draw per key in this order (betas too, although the flow only sees the pose), as the original
-            gt_params = {k: gt_params[k].float() + ratio * torch.randn_like(gt_params[k].float())
-                         for k in ('global_orient', 'body_pose', 'betas')}
-        return self.gt_pose_6d(gt_params)
+        """GT pose in the ProHMR 6D layout ``[B, 1, 144]``; in training with N(0, 0.005^2) noise on the 6D values.
+
+        As the original: the axis-angle GT is first converted to 6D (global_orient ``[B, 1, 6]``, body_pose
+        ``[B, 1, 138]``), then each of global_orient, body_pose and betas ``[B, 1, 10]`` gets one ``randn_like`` in
+        that order (the betas draw only advances the RNG: the flow sees the 144 pose dims).
+        """
+        target = self.gt_pose_6d(gt_params)
+        if not train:
+            return target
+        ratio = float(self.cfg.TRAIN.SMPL_PARAM_NOISE_RATIO)
+        global_orient, body_pose = target[..., :6], target[..., 6:]
+        global_orient = global_orient + ratio * torch.randn_like(global_orient)
+        body_pose = body_pose + ratio * torch.randn_like(body_pose)
+        torch.randn_like(gt_params['betas'].float())  # the original noises betas too; the draw keeps its RNG order
+        return torch.cat([global_orient, body_pose], dim=-1)
 
     def adversarial_loss(self, output: Dict) -> torch.Tensor:
         """Generator LSGAN term on all B*S predicted (body_pose, betas), divided by B."""

@@ -22,8 +22,7 @@ from egohmr.coap.training import (PairPool, TrainSettings, build_pair_pool, insi
 from utils.body_model import SMPL_PARENTS, create_smpl
 from utils.io import DataError
 
-SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'spec', 'manifests')
-SPEC = os.environ.get('EGOHMR_SPEC_MANIFESTS', os.path.abspath(SPEC))
+SPEC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets', 'manifests')
 MANIFEST = os.path.join(SPEC, 'coap_smpl_neutral.tsv')
 FORWARD_IO = os.path.join(SPEC, 'coap_forward_io.json')
 MESH_DEPENDENT = ('partitioner.tight_face_tensor', 'partitioner.extended_face_tensor',
@@ -82,7 +81,25 @@ def test_face_label_is_majority_with_ties_to_the_smaller_label():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 6, 300)
     tris = rng.integers(0, 300, (500, 3))
-    brute = [np.bincount(labels[f]).argmax() for f in tris]
+    brute = [np.bincount(labels[np.unique(f)]).argmax() for f in tris]
+    assert majority_face_labels(tris, labels).tolist() == brute
+
+
+def test_face_label_counts_each_unique_vertex_once():
+    """The original labels a face by bincount(...).argmax() over np.unique of its vertex ids: a degenerate face
+    [a, a, b] is a 1-1 tie between the labels of a and b (smaller label), not a 2-1 majority for a."""
+    vertex_labels = np.array([6, 2, 4, 6])
+    faces = np.array([[0, 0, 1],      # unique {0, 1}: labels 6, 2 -> tie -> 2 (counting vertex 0 twice gives 6)
+                      [1, 2, 1],      # unique {1, 2}: 2, 4 -> 2
+                      [2, 2, 2],      # unique {2}: 4
+                      [0, 3, 3],      # unique {0, 3}: 6, 6 -> 6
+                      [0, 1, 3]])     # three distinct: 6, 2, 6 -> 6
+    assert majority_face_labels(faces, vertex_labels).tolist() == [2, 2, 4, 6, 6]
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 5, 40)
+    tris = rng.integers(0, 40, (400, 3))
+    tris[::3, 1] = tris[::3, 0]                      # many degenerate faces
+    brute = [np.bincount(labels[np.unique(f)]).argmax() for f in tris]
     assert majority_face_labels(tris, labels).tolist() == brute
 
 
@@ -157,7 +174,6 @@ def read_manifest(path):
     return rows
 
 
-@pytest.mark.skipif(not os.path.isfile(MANIFEST), reason='spec manifests not found')
 def test_state_dict_matches_manifest(coap):
     manifest = read_manifest(MANIFEST)
     params = {name for name, _ in coap.named_parameters()}
@@ -173,7 +189,6 @@ def test_state_dict_matches_manifest(coap):
     assert sum(p.numel() for p in coap.parameters()) == 840170
 
 
-@pytest.mark.skipif(not os.path.isfile(FORWARD_IO), reason='spec manifests not found')
 def test_forward_shapes_match_forward_io(coap, smpl, mocap):
     import json
     with open(FORWARD_IO) as f:

@@ -19,25 +19,26 @@ class ConstantX0Model:
         self.timesteps = []
         self.inputs = []
 
-    def __call__(self, batch, t):
+    def __call__(self, x_t, t, **kwargs):
         self.timesteps.append(t.clone())
-        self.inputs.append(batch["x_t"].clone())
+        self.inputs.append(x_t.clone())
         return {"pred_x_start": self.x0.clone(), "extra": t.clone()}
 
 
-class ConstantGuidance:
-    """Guidance hook returning a constant gradient; records the (original) timesteps it is called with."""
+class ConstantHook:
+    """Guidance hook returning a constant tensor; records the (respaced) step indices and grad mode it sees."""
 
-    def __init__(self, grad):
-        self.grad = grad
+    def __init__(self, value):
+        self.value = value
         self.timesteps = []
         self.grad_enabled = []
 
-    def __call__(self, batch, x_t, t, outputs):
+    def __call__(self, x_t, t, p_mean_var, **kwargs):
         self.timesteps.append(int(t[0]))
         self.grad_enabled.append(torch.is_grad_enabled())
-        assert "pred_x_start" in outputs and x_t.shape == self.grad.shape
-        return self.grad.clone()
+        assert "pred_x_start" in p_mean_var["model_output"] and x_t.shape == self.value.shape
+        assert not x_t.requires_grad
+        return self.value.clone()
 
 
 @pytest.fixture(scope="module")
@@ -198,14 +199,15 @@ def test_spaced_ddim5_reproduces_original_alphas_cumprod(diffusion):
 def test_model_receives_original_timesteps_and_x_t(method):
     spaced = create_gaussian_diffusion(T, "ddim5")
     model = ConstantX0Model(torch.zeros(2, 3))
-    batch = {}
+    kwargs = {"batch": {}}
     torch.manual_seed(0)
     noise = torch.randn(2, 3)
-    spaced.sample(model, batch, (2, 3), method=method, noise=noise)
+    spaced.sample(model, (2, 3), method=method, noise=noise, model_kwargs=kwargs)
     seen = [t.tolist() for t in model.timesteps]
     assert seen == [[40, 40], [30, 30], [20, 20], [10, 10], [0, 0]]
     assert all(t.dtype == torch.long for t in model.timesteps)
-    torch.testing.assert_close(model.inputs[0], noise)  # the first call sees x_N in batch['x_t']
+    torch.testing.assert_close(model.inputs[0], noise)  # the first call sees x_N
+    assert kwargs == {"batch": {}}                       # nothing is written into the caller's kwargs
 
 
 # ---------------------------------------------------------------------------------------------- loops
@@ -213,12 +215,12 @@ def test_ddpm_loop_with_perfect_predictor_returns_x0(diffusion):
     torch.manual_seed(3)
     x0 = torch.randn(4, 144)
     model = ConstantX0Model(x0)
-    result = diffusion.p_sample_loop(model, {}, (4, 144))
+    result = diffusion.p_sample_loop(model, (4, 144))
     assert len(model.timesteps) == T
     assert [int(t[0]) for t in model.timesteps] == list(range(T - 1, -1, -1))
-    torch.testing.assert_close(result["other_outputs"]["pred_x_start"], x0)
-    assert result["outputs"] is result["other_outputs"]
-    assert int(result["other_outputs"]["extra"][0]) == 0  # the LAST step's model output
+    torch.testing.assert_close(result["model_output"]["pred_x_start"], x0)
+    assert sorted(result) == ["model_output", "pred_xstart", "sample"]   # one key per value
+    assert int(result["model_output"]["extra"][0]) == 0  # the LAST step's model output
     torch.testing.assert_close(result["sample"], x0, rtol=0, atol=1e-5)  # at t=0 the mean is x0, no noise added
     torch.testing.assert_close(result["pred_xstart"], x0)
 
@@ -229,9 +231,9 @@ def test_ddim_loop_with_perfect_predictor_is_exact(diffusion):
     noise = torch.randn(3, 144)
     for diff in (diffusion, create_gaussian_diffusion(T, "ddim5")):
         model = ConstantX0Model(x0)
-        result = diff.ddim_sample_loop(model, {}, (3, 144), noise=noise)
+        result = diff.ddim_sample_loop(model, (3, 144), noise=noise)
         torch.testing.assert_close(result["sample"], x0, rtol=0, atol=1e-5)
-        torch.testing.assert_close(result["other_outputs"]["pred_x_start"], x0)
+        torch.testing.assert_close(result["model_output"]["pred_x_start"], x0)
         # with a perfect predictor every intermediate input is the DDIM interpolation of x0 and the initial noise
         abar = diff.alphas_cumprod
         for j, x_in in zip(range(diff.num_timesteps - 2, -1, -1), model.inputs[1:]):
@@ -248,8 +250,8 @@ def test_loops_draw_one_randn_per_step_including_last(diffusion):
     for _ in range(T + 1):
         torch.randn(shape)
     expected_next = torch.randn(shape)
-    for run in (lambda: diffusion.p_sample_loop(model, {}, shape),
-                lambda: diffusion.ddim_sample_loop(model, {}, shape)):
+    for run in (lambda: diffusion.p_sample_loop(model, shape),
+                lambda: diffusion.ddim_sample_loop(model, shape)):
         torch.manual_seed(7)
         run()
         torch.testing.assert_close(torch.randn(shape), expected_next)
@@ -263,98 +265,82 @@ def test_ddim_eta1_step_equals_ddpm_step(diffusion):
     for j in (1, 10, 30):
         t = torch.full((2,), j, dtype=torch.long)
         torch.manual_seed(11)
-        ddpm = diffusion.p_sample(model, {}, x, t)["sample"]
+        ddpm = diffusion.p_sample(model, x, t)["sample"]
         torch.manual_seed(11)
-        ddim = diffusion.ddim_sample(model, {}, x, t, eta=1.0)["sample"]
+        ddim = diffusion.ddim_sample(model, x, t, eta=1.0)["sample"]
         torch.testing.assert_close(ddim, ddpm, rtol=1e-4, atol=1e-5)
 
 
 def test_model_output_validation(diffusion):
     t = torch.zeros(2, dtype=torch.long)
     with pytest.raises(ValueError, match="pred_x_start"):
-        diffusion.p_mean_variance(lambda batch, tt: {"x0": torch.zeros(2, 3)}, {}, torch.zeros(2, 3), t)
+        diffusion.p_mean_variance(lambda x, tt: {"x0": torch.zeros(2, 3)}, torch.zeros(2, 3), t)
     with pytest.raises(ValueError, match="shape"):
-        diffusion.p_mean_variance(lambda batch, tt: {"pred_x_start": torch.zeros(2, 4)}, {}, torch.zeros(2, 3), t)
+        diffusion.p_mean_variance(lambda x, tt: {"pred_x_start": torch.zeros(2, 4)}, torch.zeros(2, 3), t)
     with pytest.raises(ValueError, match="method"):
-        diffusion.sample(ConstantX0Model(torch.zeros(2, 3)), {}, (2, 3), method="euler")
+        diffusion.sample(ConstantX0Model(torch.zeros(2, 3)), (2, 3), method="euler")
 
 
 def test_model_called_without_grad_and_progress_bar(diffusion):
     grad_flags = []
 
-    def model(batch, t):
+    def model(x_t, t):
         grad_flags.append(torch.is_grad_enabled())
-        return {"pred_x_start": torch.zeros_like(batch["x_t"])}
+        return {"pred_x_start": torch.zeros_like(x_t)}
 
-    out = create_gaussian_diffusion(T, "ddim5").sample(model, {}, (1, 2), method="ddim", progress=True)
+    out = create_gaussian_diffusion(T, "ddim5").sample(model, (1, 2), method="ddim", progress=True)
     assert out["sample"].shape == (1, 2)
-    diffusion.p_sample_loop(model, {}, (1, 2))
+    diffusion.p_sample_loop(model, (1, 2))
     assert grad_flags and not any(grad_flags)
 
 
-# ---------------------------------------------------------------------------------------------- guidance
-def _guided_minus_plain_ddpm(diffusion, j, weight, grad):
-    """Sample difference between a guided and an unguided DDPM step with the same ε (x0 model returns 0)."""
-    x = torch.linspace(-1, 1, grad.numel()).reshape(grad.shape)
-    model = ConstantX0Model(torch.zeros(grad.shape))
-    t = torch.full((grad.shape[0],), j, dtype=torch.long)
-    hook = ConstantGuidance(grad)
-    torch.manual_seed(2)
-    guided = diffusion.p_sample(model, {}, x, t, guidance_fn=hook, guidance_weight=weight)["sample"]
-    torch.manual_seed(2)
-    plain = diffusion.p_sample(model, {}, x, t)["sample"]
-    return (guided - plain).double(), hook
+# ---------------------------------------------------------------------------------------------- guidance hooks
+def test_ddpm_hook_shift_is_added_to_the_mean_at_every_step(diffusion):
+    """The core adds exactly what the hook returns to the posterior mean, at every step, with the respaced index."""
+    shift = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, -1.0]])
+    x = torch.linspace(-1, 1, 6).reshape(2, 3)
+    model = ConstantX0Model(torch.zeros(2, 3))
+    for j in (0, 4, 30):
+        t = torch.full((2,), j, dtype=torch.long)
+        hook = ConstantHook(shift)
+        torch.manual_seed(2)
+        guided = diffusion.p_sample(model, x, t, cond_mean_fn=hook)["sample"]
+        torch.manual_seed(2)
+        plain = diffusion.p_sample(model, x, t)["sample"]
+        torch.testing.assert_close(guided - plain, shift, rtol=1e-5, atol=1e-6)
+        assert hook.timesteps == [j] and hook.grad_enabled == [True]
+    hook = ConstantHook(torch.zeros(1, 3))
+    create_gaussian_diffusion(T, "ddim5").p_sample_loop(ConstantX0Model(torch.zeros(1, 3)), (1, 3), cond_mean_fn=hook)
+    assert hook.timesteps == [4, 3, 2, 1, 0]      # respaced indices, not the original 40, 30, ...
 
 
-@pytest.mark.parametrize("j", [0, 3, 4, 5, 7, 10, 11, 30])
-def test_ddpm_guidance_scaling(diffusion, j):
-    grad = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, -1.0]])
-    weight = 2.0
-    shift, hook = _guided_minus_plain_ddpm(diffusion, j, weight, grad)
-    if j > 10:
-        assert hook.timesteps == []
-        assert (shift == 0).all()
-        return
-    assert hook.timesteps == [j] and hook.grad_enabled == [True]
-    variance = diffusion.posterior_variance[j] if j >= 5 else 0.01  # unclipped variance, constant for t < 5
-    np.testing.assert_allclose(shift.numpy(), weight * variance * grad.double().numpy(), rtol=1e-5, atol=1e-7)
-
-
-def test_ddpm_guidance_called_for_last_eleven_steps(diffusion):
-    hook = ConstantGuidance(torch.ones(1, 4))
-    diffusion.p_sample_loop(ConstantX0Model(torch.zeros(1, 4)), {}, (1, 4), guidance_fn=hook, guidance_weight=2.0)
-    assert hook.timesteps == list(range(10, -1, -1))
-
-
-def test_guidance_hook_returning_none_is_no_op(diffusion):
+def test_hook_returning_none_is_no_op_and_shapes_are_checked(diffusion):
     model = ConstantX0Model(torch.zeros(1, 3))
     torch.manual_seed(9)
-    plain = diffusion.p_sample_loop(model, {}, (1, 3))["sample"]
+    plain = diffusion.p_sample_loop(model, (1, 3))["sample"]
     torch.manual_seed(9)
-    hooked = diffusion.p_sample_loop(model, {}, (1, 3), guidance_fn=lambda b, x, t, o: None)["sample"]
+    hooked = diffusion.p_sample_loop(model, (1, 3), cond_mean_fn=lambda x, t, o: None)["sample"]
     torch.testing.assert_close(hooked, plain)
-    with pytest.raises(ValueError, match="guidance_fn"):
-        diffusion.p_sample_loop(model, {}, (1, 3), guidance_fn=lambda b, x, t, o: torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="cond_mean_fn"):
+        diffusion.p_sample_loop(model, (1, 3), cond_mean_fn=lambda x, t, o: torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="cond_score_fn"):
+        diffusion.ddim_sample_loop(model, (1, 3), cond_score_fn=lambda x, t, o: torch.zeros(1, 2))
 
 
-def test_ddim_guidance_on_respaced_schedule():
+def test_ddim_score_hook_by_hand():
+    """eps <- eps - sqrt(1 - abar_j) g, x0 recomputed from eps (detached), then the plain DDIM update."""
     spaced = create_gaussian_diffusion(T, "ddim5")
     grad = torch.tensor([[0.5, -1.0, 2.0]])
-    hook = ConstantGuidance(grad)
     model = ConstantX0Model(torch.zeros(1, 3))
     x = torch.tensor([[0.3, -0.2, 1.0]])
-    # the hook runs for respaced j <= 3 only and receives ORIGINAL timesteps
-    spaced.ddim_sample_loop(model, {}, (1, 3), guidance_fn=hook)
-    assert hook.timesteps == [30, 20, 10, 0]
-    # one guided step by hand (x0 model returns 0, w ignored, scale 1)
-    for j in (3, 4):
+    for j in (1, 3, 4):
         t = torch.full((1,), j, dtype=torch.long)
-        out = spaced.ddim_sample(model, {}, x, t, guidance_fn=ConstantGuidance(grad))
+        hook = ConstantHook(grad)
+        out = spaced.ddim_sample(model, x, t, cond_score_fn=hook)
+        assert hook.timesteps == [j]
         abar, abar_prev = spaced.alphas_cumprod[j], spaced.alphas_cumprod_prev[j]
         xd, gd = x.double().numpy(), grad.double().numpy()
-        eps = math.sqrt(1 / abar) * xd / math.sqrt(1 / abar - 1)
-        if j <= 3:
-            eps = eps - math.sqrt(1 - abar) * gd
+        eps = math.sqrt(1 / abar) * xd / math.sqrt(1 / abar - 1) - math.sqrt(1 - abar) * gd
         x0_hat = math.sqrt(1 / abar) * xd - math.sqrt(1 / abar - 1) * eps
         expected = x0_hat * math.sqrt(abar_prev) + math.sqrt(1 - abar_prev) * eps
         np.testing.assert_allclose(out["pred_xstart"].numpy(), x0_hat, rtol=1e-4, atol=1e-5)

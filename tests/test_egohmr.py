@@ -19,9 +19,7 @@ from egohmr.visibility import in_image_mask, smpl_joint_visibility
 from utils.body_model import SMPL_EDGES
 from utils.geometry import aa_to_rotmat
 
-SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'spec',
-                    'manifests')
-SPEC = os.environ.get('EGOHMR_SPEC_MANIFESTS', os.path.abspath(SPEC))
+SPEC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets', 'manifests')
 MANIFEST = os.path.join(SPEC, 'stage2_egohmr.tsv')
 FORWARD_IO = os.path.join(SPEC, 'stage2_forward_io.json')
 COAP_TABLES = ('smpl.coap.partitioner.tight_face_tensor', 'smpl.coap.partitioner.extended_face_tensor',
@@ -63,7 +61,6 @@ def read_manifest(path):
 
 
 # ------------------------------------------------------------------------------------------------ structure
-@pytest.mark.skipif(not os.path.isfile(MANIFEST), reason='spec manifests not found')
 def test_state_dict_matches_manifest(model):
     manifest = read_manifest(MANIFEST)
     ours = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
@@ -167,7 +164,6 @@ def test_condition_masking(model):
         model.training, model.cond_mask_prob, model.only_mask_img_cond = saved
 
 
-@pytest.mark.skipif(not os.path.isfile(FORWARD_IO), reason='spec manifests not found')
 def test_forward_shapes_match_manifest(model):
     spec = json.load(open(FORWARD_IO))
     batch = random_batch(bs=spec['input']['x_t'][0][0])
@@ -179,8 +175,10 @@ def test_forward_shapes_match_manifest(model):
             value = value[part]
         assert list(value.shape) == shape, name
         assert str(value.dtype) == f'torch.{dtype}', name
-    assert list(batch['vis_mask_smpl'].shape) == spec['input']['vis_mask_smpl'][0]
-    assert batch['vis_mask_smpl'].dtype == torch.bool
+    # the original writes vis_mask_smpl into the batch; ours returns it and leaves the batch alone
+    assert list(out['vis_mask_smpl'].shape) == spec['input']['vis_mask_smpl'][0]
+    assert out['vis_mask_smpl'].dtype == torch.bool
+    assert 'vis_mask_smpl' not in batch
 
 
 def test_diffuse_fuse_takes_visible_joints_from_conditional_pass(model):
@@ -263,6 +261,18 @@ def test_compute_loss_train_and_eval(model):
     assert float(loss) == 0.0 and float(losses['loss_v2v']) > 0     # test-time weights are zero
     assert 0 <= int(out['joint_vis_num_batch']) <= 48
     assert float(losses['loss_keypoints_3d_vis_batch_sum']) >= 0
+    # training returns the same keys, the visible-joint sum as 0 (as the original)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        model.train()
+        with torch.no_grad():
+            train_out = model(batch, torch.tensor([3, 7]))
+            model.compute_loss(batch, train_out)
+    finally:
+        model.load_state_dict(saved)
+        model.eval()
+    assert sorted(train_out['losses']) == sorted(losses)
+    assert float(train_out['losses']['loss_keypoints_3d_vis_batch_sum']) == 0.0
 
 
 # ------------------------------------------------------------------------------------------------ collision
@@ -309,21 +319,113 @@ def test_batched_collision_equals_per_body_loop(model):
 
 
 def test_guidance_gradient_only_on_leg_joints(model):
+    from egohmr.guidance import collision_guidance_gradient
     occ = SphereOccupancy()
     batch = random_batch(bs=2, num_points=600, seed=6)
     with torch.no_grad():
         out = model(batch, torch.tensor([5, 5]))
     legs = out['pred_keypoints_3d'][:, [4, 5, 7, 8]].mean(dim=1, keepdim=True)
     scene = legs + 0.2 * torch.randn(2, 600, 3, generator=torch.Generator().manual_seed(0))
-    grad = collision.collision_guidance_gradient(model, batch['x_t'], out['pred_smpl_params']['betas'], scene, occ)
+    grad = collision_guidance_gradient(model, batch['x_t'], out['pred_smpl_params']['betas'], scene, occ)
     assert grad is not None and grad.shape == (2, 144)
     per_joint = grad.reshape(2, 24, 6).abs().sum(dim=(0, 2))
     allowed = [1, 2, 4, 5, 7, 8, 10, 11]
     assert torch.all(per_joint[[j for j in range(24) if j not in allowed]] == 0)
     assert per_joint[allowed].sum() > 0
     far = scene + 100.0
-    assert collision.collision_guidance_gradient(model, batch['x_t'], out['pred_smpl_params']['betas'], far,
-                                                 occ) is None
+    assert collision_guidance_gradient(model, batch['x_t'], out['pred_smpl_params']['betas'], far, occ) is None
+
+
+def test_batched_chain_gives_each_body_the_gradient_of_its_own_chain(model):
+    """S=3 samples of bs=2 images in ONE chain of 6 rows: every body's guidance gradient equals the one it gets in
+    its own S=1 chain of 2 rows (the original's mean over the images of one chain), not a third of it."""
+    from egohmr.evaluate import sampling_batch
+    from egohmr.guidance import CollisionGuidance
+    occ, samples, bs = SphereOccupancy(), 3, 2
+    guidance = CollisionGuidance(model, occ, weight=2.0)
+    batch = random_batch(bs=bs, num_points=600, seed=8)
+    with torch.no_grad():
+        condition = model.sampling_condition(batch)
+        # guidance poses the body with x_t itself: put the scene around the legs of x_t's body
+        rot = model.rotmats_from_x(batch['x_t'])
+        legs = model.smpl(global_orient=rot[:, :1], body_pose=rot[:, 1:], pose2rot=False).joints[:, [4, 5, 7, 8]]
+    scene = legs.mean(dim=1, keepdim=True) + 0.2 * torch.randn(bs, 600, 3, generator=torch.Generator().manual_seed(2))
+    condition['scene_points'] = scene
+    noise = 0.1 * torch.randn(samples * bs, 144, generator=torch.Generator().manual_seed(3))
+    x_t = batch['x_t'].repeat(samples, 1) + noise                 # row s*bs + i: sample s of image i
+    chain = sampling_batch(batch, condition, samples)
+    with torch.no_grad():
+        out = model.denoise(x_t, torch.full((samples * bs,), 5), chain)
+    batched = guidance.gradient(x_t, out, chain)
+    assert batched is not None
+    for s in range(samples):
+        rows = slice(s * bs, (s + 1) * bs)
+        single_chain = sampling_batch(batch, condition, 1)
+        with torch.no_grad():
+            single_out = model.denoise(x_t[rows], torch.full((bs,), 5), single_chain)
+        single = guidance.gradient(x_t[rows], single_out, single_chain)
+        assert single is not None and single.abs().sum() > 0
+        torch.testing.assert_close(batched[rows], single, rtol=1e-4, atol=1e-7)
+
+
+class ConstantGradientGuidance:
+    """A CollisionGuidance whose COAP gradient is a fixed tensor, to check the step rule by hand."""
+
+    def __new__(cls, grad, weight):
+        from egohmr.guidance import CollisionGuidance
+
+        class Fixed(CollisionGuidance):
+            def gradient(self, x, model_output, batch):
+                return grad.clone()
+        return Fixed(model=None, occupancy_model=object(), weight=weight)
+
+
+@pytest.mark.parametrize('respacing', ['', 'ddim5'])
+def test_ddpm_guidance_rule_uses_the_chains_own_step_index(respacing):
+    """t[0] <= 10 guided; posterior variance of THIS chain for t[0] >= 5, 0.01 below; on a respaced chain the
+    respaced index decides (ddim5 respacing: all five DDPM steps guided with the 0.01 rule, as the original)."""
+    from diffusion import create_gaussian_diffusion
+    grad, weight = torch.tensor([[1.0, -2.0, 0.5]]), 2.0
+    diffusion = create_gaussian_diffusion(50, respacing)
+    guidance = ConstantGradientGuidance(grad, weight)
+    guided_steps = []
+    for j in range(diffusion.num_timesteps):
+        t = torch.full((1,), j, dtype=torch.long)
+        variance = torch.full_like(grad, float(diffusion.posterior_variance[j]))
+        shift = guidance.condition_mean(grad, t, {'variance': variance, 'model_output': {}}, {})
+        if j > 10:
+            assert shift is None
+            continue
+        guided_steps.append(j)
+        expected = weight * (diffusion.posterior_variance[j] if j >= 5 else 0.01) * grad.double()
+        np.testing.assert_allclose(shift.double().numpy(), expected.numpy(), rtol=1e-6)
+    assert guided_steps == list(range(min(11, diffusion.num_timesteps)))
+
+
+def test_ddim_guidance_rule_and_final_step():
+    from diffusion import create_gaussian_diffusion
+    grad = torch.tensor([[0.5, -1.0, 2.0]])
+    guidance = ConstantGradientGuidance(grad, weight=7.0)
+    for j in range(5):
+        score = guidance.condition_score(grad, torch.full((1,), j), {'model_output': {}}, {})
+        if j <= 3:
+            torch.testing.assert_close(score, grad)      # scale 1: the weight is ignored
+        else:
+            assert score is None
+    x0 = torch.tensor([[0.1, 0.2, 0.3]])
+    torch.testing.assert_close(guidance.final_step(x0, {}, {}), x0 + 7.0 * 0.01 * grad)
+    # through the core: a ddim5 chain calls the hook at every step, and only j <= 3 changes the result
+    calls = []
+
+    class Recording(type(guidance)):
+        def condition_score(self, x, t, p_mean_var, batch):
+            calls.append(int(t[0]))
+            return super().condition_score(x, t, p_mean_var, batch)
+    recording = Recording(model=None, occupancy_model=object(), weight=1.0)
+    model = lambda x, t, batch: {'pred_x_start': torch.zeros_like(x)}   # noqa: E731
+    create_gaussian_diffusion(50, 'ddim5').sample(model, (1, 3), method='ddim', model_kwargs={'batch': {}},
+                                                  guidance=recording)
+    assert calls == [4, 3, 2, 1, 0]
 
 
 # ------------------------------------------------------------------------------------------------ sampling

@@ -135,3 +135,20 @@ def test_nflows_parameter_names():
     assert not any('_log_z' in k for k in keys)
     assert flow.state_dict()['_transform._transforms.1.lower_entries'].shape == (10296,)
     assert flow.state_dict()['_transform._transforms.2.transform_net.initial_layer.weight'].shape == (16, 82)
+
+
+def test_residual_net_batch_norms_use_pytorch_default_eps():
+    """ProHMR's nflows fork builds BatchNorm1d(features, affine=True): eps 1e-5 (upstream nflows' 1e-3 would rescale
+    outputs of a trained model with small running variances). Checked against the BN formula by hand."""
+    flow = ConditionalGlow(144, hidden_features=1024, num_layers=4, num_blocks_per_layer=2, context_features=2566)
+    norms = [m for m in flow.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(norms) == 4 * 2 * 2 and all(m.eps == 1e-5 and m.affine for m in norms)
+    bn = norms[0].eval()
+    with torch.no_grad():
+        bn.running_mean.fill_(0.1)
+        bn.running_var.fill_(2e-4)
+        bn.weight.fill_(1.5)
+        bn.bias.fill_(-0.2)
+        x = torch.randn(3, 1024, dtype=torch.float32)
+        expected = (x - 0.1) / math.sqrt(2e-4 + 1e-5) * 1.5 - 0.2
+        torch.testing.assert_close(bn(x), expected, rtol=1e-5, atol=1e-4)

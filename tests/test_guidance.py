@@ -29,12 +29,16 @@ class InputReproducingDenoiser(torch.nn.Module):
     def decode(self, x, cond, batch):
         return self.model.decode(x, cond, batch)
 
-    def prediction(self, batch):
-        return batch['x_t'].float()
+    @property
+    def device(self):
+        return self.model.device
 
-    def forward(self, batch, timesteps):
+    def prediction(self, x_t):
+        return x_t.float()
+
+    def denoise(self, x_t, timesteps, batch):
         cond = batch['condition']
-        output = self.model.decode(self.prediction(batch), cond, batch)
+        output = self.model.decode(self.prediction(x_t), cond, batch)
         output['condition'] = cond
         return output
 
@@ -42,8 +46,8 @@ class InputReproducingDenoiser(torch.nn.Module):
 class InputIgnoringDenoiser(InputReproducingDenoiser):
     """x0 = the mean pose whatever x_t is: a denoiser after a few training iterations, at its worst."""
 
-    def prediction(self, batch):
-        return torch.zeros_like(batch['x_t']).float()
+    def prediction(self, x_t):
+        return torch.zeros_like(x_t).float()
 
 
 @pytest.fixture(scope='module')
@@ -70,9 +74,9 @@ def lowered_test_batch(synthetic_world, tmp_path_factory):
 
 def guided_samples(lowered_test_batch, weight, denoiser_class=InputReproducingDenoiser, guide_final_step=False):
     from diffusion import create_gaussian_diffusion
-    from egohmr import collision
     from egohmr.coap import load_coap_checkpoint
     from egohmr.evaluate import sample_poses
+    from egohmr.guidance import CollisionGuidance
     from egohmr.model import EgoHMR
 
     cfg, data_dir, x_mean, x_std, batch = lowered_test_batch
@@ -80,11 +84,11 @@ def guided_samples(lowered_test_batch, weight, denoiser_class=InputReproducingDe
     model = EgoHMR(cfg, data_dir=data_dir, body_rep_mean=x_mean, body_rep_std=x_std, with_coap=True).eval()
     load_coap_checkpoint(model.coap, COAP_WEIGHTS)
     denoiser = denoiser_class(model).eval()
-    guidance = collision.make_guidance_fn(model, model.coap) if weight > 0 else None
+    guidance = CollisionGuidance(model, model.coap, weight) if weight > 0 else None
     torch.manual_seed(1)
     batch = {k: v for k, v in batch.items() if k != 'condition'}
     return sample_poses(denoiser, create_gaussian_diffusion(50, ''), batch, num_samples=2, method='ddpm',
-                        guidance_fn=guidance, guidance_weight=weight, occupancy_model=model.coap,
+                        guidance=guidance, occupancy_model=model.coap,
                         guide_final_step=guide_final_step)
 
 

@@ -21,10 +21,9 @@ from utils.geometry import aa_to_rotmat, convert_pare_to_full_img_cam, perspecti
 from utils.io import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The spec lies beside the checkout (../shared/spec), as for the other manifest tests.
-SPEC = os.environ.get('EGOHMR_SPEC', os.path.abspath(os.path.join(ROOT, '..', 'shared', 'spec')))
-MANIFEST = os.path.join(SPEC, 'manifests', 'stage1_prohmr_scene.tsv')
-FORWARD_IO = os.path.join(SPEC, 'manifests', 'stage1_forward_io.json')
+SPEC = os.path.join(ROOT, 'tests', 'assets', 'manifests')
+MANIFEST = os.path.join(SPEC, 'stage1_prohmr_scene.tsv')
+FORWARD_IO = os.path.join(SPEC, 'stage1_forward_io.json')
 NUM_POINTS = 256
 
 
@@ -235,6 +234,30 @@ def test_compute_loss_uses_the_mode_and_the_right_targets(model):
     with torch.no_grad():
         loss2, _ = model.compute_loss(batch, out, train=False)
     assert loss2.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_nll_target_noise_goes_on_the_6d_values(model):
+    """Training NLL target = GT in the ProHMR 6D layout + N(0, 0.005^2) drawn as randn_like of global_orient
+    [B,1,6], body_pose [B,1,138], betas [B,1,10], in this order (as the original; not noise on axis-angle)."""
+    bs = 3000
+    g = torch.Generator().manual_seed(4)
+    params = {'global_orient': torch.rand(bs, 3, generator=g) - 0.5,
+              'body_pose': 0.4 * (torch.rand(bs, 69, generator=g) - 0.5),
+              'betas': torch.rand(bs, 10, generator=g) - 0.5}
+    clean = model.gt_pose_6d(params)
+    assert torch.equal(model._nll_target(params, train=False), clean)
+    torch.manual_seed(11)
+    noisy = model._nll_target(params, train=True)
+    after = torch.randn(1)
+    # the same draws by hand
+    torch.manual_seed(11)
+    orient_noise, pose_noise = torch.randn(bs, 1, 6), torch.randn(bs, 1, 138)
+    torch.randn(bs, 1, 10)                                   # betas' draw (the flow sees only the pose)
+    torch.testing.assert_close(noisy, clean + 0.005 * torch.cat([orient_noise, pose_noise], dim=-1),
+                               rtol=0, atol=1e-6)
+    assert torch.equal(torch.randn(1), after)               # nothing else is drawn
+    std = (noisy - clean).reshape(bs, 144).std(dim=0)
+    assert std.shape == (144,) and torch.all((std - 0.005).abs() < 0.0004), std
 
 
 def test_discriminator_and_adversarial_terms(model):

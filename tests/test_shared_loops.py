@@ -96,3 +96,20 @@ def test_visual_hook_picks_render_then_viewer_then_nothing(monkeypatch, capsys):
     assert 'open3d is not installed' in capsys.readouterr().out
     assert visual_hook(SimpleNamespace(render=False, vis_o3d=False), 'o', factory('r'), factory('v')) is None
     close_hook(None)
+
+
+def test_run_log_file_keeps_lines_logged_through_a_plain_get_logger(tmp_path):
+    """A library call that asks for the logger without a run folder (as the pretrained-backbone loader does) must not
+    drop the run's log file: every line reaches it."""
+    import glob
+
+    from utils.run import get_logger
+    logger = get_logger(str(tmp_path), name='egohmr-test-log')
+    logger.info('first line')
+    get_logger(name='egohmr-test-log').info('second line')
+    logger.info('third line')
+    for handler in logger.handlers:
+        handler.flush()
+    (log_file,) = glob.glob(str(tmp_path / 'run_*.log'))
+    text = open(log_file).read()
+    assert all(line in text for line in ('first line', 'second line', 'third line'))

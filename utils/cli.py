@@ -20,13 +20,25 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     pass
 
 
+def add_bool_flag(p: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
+    """A boolean flag in the original scripts' style, ``--name True/False``; a bare ``--name`` means True."""
+    p.add_argument(name, type=str2bool, nargs='?', const=True, default=default, metavar='True/False', help=help)
+
+
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    """``--gpu_id`` (the original's) and ``--device`` (explicit, wins over --gpu_id)."""
+    p.add_argument('--gpu_id', type=int, default=0, help='CUDA device index (the CPU is used when CUDA is absent)')
+    p.add_argument('--device', default=None,
+                   help="torch device, e.g. 'cpu', 'cuda', 'cuda:1' (default: cuda:<gpu_id> if available, else cpu)")
+
+
 def add_data_flags(p: argparse.ArgumentParser, needs_mocap: bool = False) -> None:
     p.add_argument('--dataset_root', default='/mnt/ssd/egobody_release',
                    help='EgoBody root (data_info_release.csv, annotation_egocentric_smpl_npz/, egocentric_color/, ...)')
     what = 'smpl/smpl/SMPL_*.pkl, smpl_mean_params.npz' + (' and datasets/cmu_mocap.npz' if needs_mocap else '')
     p.add_argument('--data_dir', default='data', help=f'folder with {what} (the original hard-codes data/)')
     p.add_argument('--model_cfg', default=None, help='model config yaml (default: configs/prohmr.yaml)')
-    p.add_argument('--gpu_id', type=int, default=0, help='CUDA device index (the CPU is used when CUDA is absent)')
+    add_device_flags(p)
     p.add_argument('--batch_size', type=int, default=16, help='images per batch')
     p.add_argument('--num_workers', type=int, default=4, help='DataLoader worker processes (0: load in-process)')
     p.add_argument('--scene_downsample_rate', type=int, default=1, help=SCENE_DOWNSAMPLE_HELP)

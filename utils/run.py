@@ -30,15 +30,28 @@ def str2bool(value) -> bool:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (all devices); make cudnn deterministic."""
+    """Seed Python, numpy and torch (all devices) and turn off cuDNN's benchmark autotuner (it picks kernels by
+    timing them). That alone does not make CUDA runs bit-reproducible: some CUDA kernels stay nondeterministic
+    unless ``torch.use_deterministic_algorithms(True)``; CPU runs are reproducible."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = False
 
 
-def get_device(gpu_id: int = 0) -> torch.device:
-    """``cuda:<gpu_id>`` when CUDA is available, else the CPU."""
+def get_device(gpu_id: int = 0, device: str = None) -> torch.device:
+    """``device`` when given ('cpu', 'cuda', 'cuda:1'); else ``cuda:<gpu_id>`` when CUDA is available, else the CPU.
+
+    A CUDA device asked for on a machine without CUDA is a one-line :class:`ValueError`.
+    """
+    if device:
+        try:
+            chosen = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"--device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+        if chosen.type == 'cuda' and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        return chosen
     if torch.cuda.is_available():
         return torch.device(f'cuda:{gpu_id}')
     return torch.device('cpu')
@@ -86,10 +99,18 @@ def save_run_config(run_dir: str, args: argparse.Namespace, cfg_path: str = None
 
 
 def get_logger(run_dir: str = None, name: str = 'egohmr') -> logging.Logger:
-    """Logger printing to stdout and, with ``run_dir``, to ``run_<timestamp>.log`` there."""
+    """Logger printing to stdout and, with ``run_dir``, to ``run_<timestamp>.log`` there.
+
+    With ``run_dir`` it (re)configures the logger; without, it returns the logger as already configured (so a
+    library call that only wants to log keeps the run's log file), or a stdout logger if none was configured.
+    """
     logger = logging.getLogger(name)
+    if run_dir is None and logger.handlers:
+        return logger
     logger.setLevel(logging.INFO)
-    logger.handlers.clear()
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
     fmt = logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S')
     stream = logging.StreamHandler(sys.stdout)
     stream.setFormatter(fmt)
@@ -109,7 +130,7 @@ def start_run(args, cfg_path: str = None):
     """
     if getattr(args, 'seed', None) is not None:
         seed_everything(args.seed)
-    device = get_device(args.gpu_id)
+    device = get_device(args.gpu_id, getattr(args, 'device', None))
     run_dir = make_run_dir(args.save_dir, args.run_id)
     save_run_config(run_dir, args, cfg_path)
     logger = get_logger(run_dir)

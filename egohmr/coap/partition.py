@@ -60,10 +60,20 @@ def merge_labels(labels: np.ndarray, parents: Sequence[int]):
 
 
 def majority_face_labels(faces: np.ndarray, vertex_labels: np.ndarray) -> np.ndarray:
-    """Label each face by the most common label of its three vertices; a three-way tie takes the smallest."""
+    """Label each face by the most common label of its UNIQUE vertex ids; ties take the smallest label.
+
+    As the original, which takes a face's vertex ids, applies ``np.unique`` and then ``bincount(...).argmax()``:
+    a degenerate face that repeats a vertex counts that vertex once (``[a, a, b]`` with labels 3 and 1 is a 1-1
+    tie, so label 1), not twice.
+    """
+    faces = np.asarray(faces)
     a, b, c = (vertex_labels[faces[:, i]] for i in range(3))
     smallest = np.minimum(np.minimum(a, b), c)
-    return np.where((a == b) | (a == c), a, np.where(b == c, b, smallest))
+    majority = np.where((a == b) | (a == c), a, np.where(b == c, b, smallest))
+    # With a repeated vertex id there are at most two distinct vertices, each counted once: equal labels give that
+    # label, different ones a 1-1 tie -- the smaller label either way.
+    distinct = (faces[:, 0] != faces[:, 1]) & (faces[:, 0] != faces[:, 2]) & (faces[:, 1] != faces[:, 2])
+    return np.where(distinct, majority, smallest)
 
 
 def partition_body(faces: np.ndarray, lbs_weights: np.ndarray, parents: Sequence[int]) -> BodyPartition:
