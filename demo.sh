@@ -35,7 +35,7 @@ step "3/9 train stage 1 (ProHMR-scene)"
 $PY train_prohmr_scene.py --dataset_root "$ROOT" --data_dir "$DATA" --load_pretrained False \
   --save_dir "$OUT/runs_stage1" --run_id demo --batch_size $BS --num_workers 0 \
   --max_iters $S1_ITERS --log_step 10 --val_step $VAL --save_step $VAL --seed 0 \
-  --scene_downsample_rate $SDR --val_at_start True
+  --scene_downsample_rate $SDR --val_at_start True --overwrite True
 
 step "4/9 test stage 1 (+ stage-1 translations, renders)"
 $PY test_prohmr_scene.py --dataset_root "$ROOT" --data_dir "$DATA" --checkpoint "$OUT/runs_stage1/demo/best_model.pt" \
@@ -57,7 +57,7 @@ step "7/9 train stage 2 (EgoHMR)"
 $PY train_egohmr.py --dataset_root "$ROOT" --data_dir "$DATA" --load_pretrained_img_enc False \
   --coap_checkpoint "$OUT/coap/coap_smpl_neutral.ckpt" --save_dir "$OUT/runs_stage2" --run_id demo \
   --batch_size $BS --num_workers 0 --max_iters $S2_ITERS --log_step 10 --val_step $VAL --save_step $VAL \
-  --eval_spacing 1 --start_coap_epoch 1 --seed 0 --scene_downsample_rate $SDR --val_at_start True
+  --eval_spacing 1 --start_coap_epoch 1 --seed 0 --scene_downsample_rate $SDR --val_at_start True --overwrite True
 
 S2_COMMON=(--dataset_root "$ROOT" --data_dir "$DATA" --checkpoint "$OUT/runs_stage2/demo/best_model_vis.pt"
            --stage1_result_path "$S1_RESULTS" --num_samples $SAMPLES --num_workers 0 --seed 0

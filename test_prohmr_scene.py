@@ -95,7 +95,15 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    try:
+        from utils.run_state import STAGE1_RUN_SETTINGS, apply_run_settings
+        apply_run_settings(args, parser, argv, args.checkpoint, STAGE1_RUN_SETTINGS)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.render and args.vis_o3d:
         print("error: --render and --vis_o3d cannot be used together", file=sys.stderr)
         return 2

@@ -8,9 +8,11 @@ Per item only the image and, in ``'cube'`` mode, that frame's ``.npy`` crop are 
 Random augmentation (train) uses one ``np.random.Generator`` per item. With ``seed=None`` it is seeded from
 fresh OS entropy. With an integer ``seed`` it is seeded from ``(seed, epoch, index, visit)``: ``epoch`` is set
 by :meth:`EgoBodyDataset.set_epoch` (default 0) and ``visit`` counts how often this dataset object has produced
-item ``index``. Two datasets built with the same seed and read in the same order therefore return identical
-items, and re-reading an item draws a new augmentation. DataLoader worker processes hold their own copies of the
-visit counters: with workers that are re-created every epoch call ``set_epoch`` so that epochs differ.
+item ``index`` in the current epoch (``set_epoch`` starts the count again). Two datasets built with the same seed
+and read in the same order therefore return identical items, and re-reading an item draws a new augmentation. An
+item's augmentation in epoch e does not depend on earlier epochs, nor on whether DataLoader workers (which hold
+their own copies of the counters) or the main process read it, so a resumed run draws what an uninterrupted one
+draws.
 """
 from __future__ import annotations
 
@@ -225,8 +227,9 @@ class EgoBodyDataset(Dataset):
         return len(self.imgname)
 
     def set_epoch(self, epoch: int) -> None:
-        """Mix ``epoch`` into the seeded augmentation streams (see the module docstring)."""
+        """Mix ``epoch`` into the seeded augmentation streams and restart the visit counts (module docstring)."""
         self.epoch = int(epoch)
+        self._visits = {}
 
     def image_path(self, index: int) -> str:
         return os.path.join(self.dataset_root, self.imgname[index])

@@ -16,11 +16,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from diffusion import UniformSampler, create_gaussian_diffusion
-from egohmr.checkpoints import load_backbone_from_prohmr, save_egohmr_checkpoint
+from egohmr.checkpoints import load_backbone_from_prohmr
 from egohmr.losses import DEFAULT_LOSS_WEIGHTS
 from egohmr.model import EgoHMR
-from utils.io import DataError
+from utils.io import DataError, atomic_torch_save
 from utils.run import get_logger, log_scalars, open_summary_writer, recursive_to, start_run, training_loop
+from utils import distributed
+from utils.run_state import (EpochSampler, StopRequest, choose_data_seed, load_training_state, preserved_rng,
+                             restore_training_state, resume_checkpoint_path, rng_state, run_config,
+                             training_checkpoint)
 
 VAL_METRIC = 'loss_keypoints_3d_vis'
 STATS_DIRNAME = 'preprocess_stats'
@@ -86,7 +90,9 @@ def train_step(model: EgoHMR, diffusion, sampler: UniformSampler, batch: Dict, o
     loss = model.compute_loss(batch, output, cur_epoch=epoch)
     optimizer.zero_grad()
     loss.backward()
+    distributed.average_gradients(model.trainable_parameters())     # no-op in one process
     optimizer.step()
+    distributed.broadcast_norm_buffers(model)
     return {k: float(v) for k, v in output['losses'].items()}
 
 
@@ -127,12 +133,18 @@ def format_losses(values: Dict[str, float], keys=('loss', VAL_METRIC, 'loss_v2v'
 
 
 def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
-    """The whole stage-2 training run; returns a summary (run dir, iterations, val history)."""
-    device, run_dir, logger = start_run(args, cfg_path)
+    """The whole stage-2 training run (or its continuation, ``--resume``); returns a summary."""
+    resumed = load_training_state(resume_checkpoint_path(args.resume)) if args.resume else None
+    resume_dir = os.path.dirname(resume_checkpoint_path(args.resume)) if resumed else None
+    data_seed = choose_data_seed(args, resumed)
+    device, run_dir, logger = start_run(args, cfg_path, run_dir=resume_dir)
 
     train_set, val_set = build_datasets(args, cfg, run_dir)
     logger.info(f"body-representation statistics written to {os.path.join(run_dir, STATS_DIRNAME)}")
+    if resumed is not None:
+        args.load_pretrained_img_enc = False          # the weights come from the checkpoint
     model = build_model(args, cfg, train_set.Xmean, train_set.Xstd, device)
+    distributed.broadcast_state(model)                               # every rank starts from rank 0's weights
     if model.loss_weights['coap_penetration'] > 0:
         if model.coap is None:
             logger.info("COAP is unavailable: the penetration loss is off")
@@ -140,12 +152,12 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
             logger.info("warning: no --coap_checkpoint: COAP has random weights, so the penetration loss (from epoch "
                         f"{args.start_coap_epoch}) is meaningless; pass trained COAP weights or "
                         "--weight_coap_penetration 0")
-    generator = torch.Generator()
-    if args.seed is not None:
-        generator.manual_seed(args.seed)
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=args.shuffle, drop_last=True,
-                              num_workers=args.num_workers, generator=generator)
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+    train_sampler = EpochSampler(len(train_set), data_seed, shuffle=args.shuffle, rank=distributed.rank(),
+                                 num_replicas=distributed.world_size())
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler, drop_last=True,
+                              num_workers=args.num_workers, generator=torch.Generator().manual_seed(data_seed))
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                            generator=torch.Generator().manual_seed(data_seed))
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=float(cfg.TRAIN.LR),
                                   weight_decay=float(cfg.TRAIN.WEIGHT_DECAY))
     diffusion_train = create_gaussian_diffusion(args.num_diffusion_timesteps, '')
@@ -153,37 +165,61 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
                                                respacing_of(args.timestep_respacing_eval))
     sampler = UniformSampler(diffusion_train)
     method = sampling_method_of(args.timestep_respacing_eval)
-    writer = open_summary_writer(run_dir, logger)
-    iters_per_epoch = len(train_set) // args.batch_size
+    writer = open_summary_writer(run_dir, logger) if distributed.is_main() else None
+    iters_per_epoch = len(train_loader)
     logger.info(f"train: {len(train_set)} frames, {iters_per_epoch} iterations/epoch; val: {len(val_set)} frames "
                 f"(sampling {args.timestep_respacing_eval})")
+    config = run_config(args, cfg, data_seed, 'egohmr')
+    stats = {'Xmean': train_set.Xmean, 'Xstd': train_set.Xstd}
+    history, best, start_step = [], math.inf, 0
 
-    history, best = [], math.inf
+    def checkpoint(step: int, epoch: int, rng_per_rank=None) -> Dict:
+        return training_checkpoint(model, config, (optimizer,), step, epoch, best, history, rng_per_rank,
+                                   body_rep_stats=stats)
+
+    def save_last(step: int, epoch: int) -> None:
+        state = checkpoint(step, epoch, distributed.all_gather_objects(rng_state()))
+        if distributed.is_main():
+            atomic_torch_save(state, os.path.join(run_dir, 'last_model.pt'))
 
     def run_validation(step: int, epoch: int, count_as_best: bool = True) -> None:
         nonlocal best
+        if not distributed.is_main():
+            return
         val = validate(model, diffusion_eval, val_loader, device, method, epoch)
         history.append({'iteration': step, **val})
         log_scalars(writer, 'val', val, step)
         improved = count_as_best and val[VAL_METRIC] < best
         if improved:
             best = val[VAL_METRIC]
-            save_egohmr_checkpoint(model, os.path.join(run_dir, 'best_model_vis.pt'))
+            atomic_torch_save(checkpoint(step, epoch), os.path.join(run_dir, 'best_model_vis.pt'))
         logger.info(f"[val] iter {step}: {format_losses(val)}" + ('  -> best_model_vis.pt' if improved else ''))
 
-    if args.val_at_start:
-        run_validation(0, 0, count_as_best=False)
+    if resumed is not None:
+        restore_training_state(resumed, model, (optimizer,))
+        start_step, best, history = int(resumed['iteration']), float(resumed['best']), list(resumed['history'])
+        logger.info(f"resumed from iteration {start_step} (best val {VAL_METRIC} {best:.2f} mm)")
+    elif args.val_at_start:
+        with preserved_rng():
+            run_validation(0, 0, count_as_best=False)
+
+    sync = distributed.SyncCheck(model, args.log_step, logger)
 
     def step_fn(batch: Dict, epoch: int) -> Dict[str, float]:
-        return train_step(model, diffusion_train, sampler, recursive_to(batch, device), optimizer, epoch)
+        losses = train_step(model, diffusion_train, sampler, recursive_to(batch, device), optimizer, epoch)
+        sync.after_step()
+        return losses
 
-    step, _ = training_loop(
-        train_loader, num_epoch=args.num_epoch, max_iters=args.max_iters, iters_per_epoch=iters_per_epoch,
-        log_step=args.log_step, val_step=args.val_step, save_step=args.save_step, train_step=step_fn,
-        validate=run_validation,
-        save_last=lambda: save_egohmr_checkpoint(model, os.path.join(run_dir, 'last_model.pt')),
-        writer=writer, logger=logger, format_losses=format_losses, validated_at_start=args.val_at_start)
+    with StopRequest() as stop:
+        step, _ = training_loop(
+            train_loader, num_epoch=args.num_epoch, max_iters=args.max_iters, iters_per_epoch=iters_per_epoch,
+            log_step=args.log_step, val_step=args.val_step, save_step=args.save_step, train_step=step_fn,
+            validate=run_validation,
+            save_last=save_last, writer=writer, logger=logger, format_losses=format_losses,
+            validated_at_start=args.val_at_start and resumed is None, start_step=start_step,
+            sampler=train_sampler, stop=stop)
     if writer is not None:
         writer.close()
     logger.info(f"done: {step} iterations; best val {VAL_METRIC} = {best:.2f} mm")
+    distributed.close_distributed()
     return {'run_dir': run_dir, 'iterations': step, 'best': best, 'history': history}

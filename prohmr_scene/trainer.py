@@ -16,10 +16,14 @@ from typing import Dict, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from prohmr_scene.checkpoints import PROHMR_HINT, load_prohmr_backbone, save_stage1_checkpoint
+from prohmr_scene.checkpoints import PROHMR_HINT, load_prohmr_backbone
 from prohmr_scene.model import ProHMRScene
-from utils.io import DataError
-from utils.run import endless, get_logger, log_scalars, open_summary_writer, recursive_to, start_run, training_loop
+from utils.io import DataError, atomic_torch_save
+from utils.run import get_logger, log_scalars, open_summary_writer, recursive_to, start_run, training_loop
+from utils import distributed
+from utils.run_state import (EpochSampler, StopRequest, choose_data_seed, endless_batches, load_training_state,
+                             preserved_rng, restore_training_state, resume_checkpoint_path, rng_state, run_config,
+                             training_checkpoint)
 
 VAL_METRIC = 'loss_keypoints_3d_mode'
 
@@ -42,8 +46,11 @@ def build_model(args, cfg, device) -> ProHMRScene:
     return model.to(device)
 
 
-def build_loaders(args, cfg):
-    """(train loader, val loader, endless MoCap iterator)."""
+def build_loaders(args, cfg, data_seed: int):
+    """(train loader, its EpochSampler, val loader, MoCap loader, its EpochSampler).
+
+    The training order of epoch e and the MoCap batches come from ``data_seed`` alone (exact resume).
+    """
     from dataloaders.egobody_dataset import EgoBodyDataset
     from dataloaders.mocap_dataset import MoCapDataset
 
@@ -55,15 +62,18 @@ def build_loaders(args, cfg):
     if len(train_set) < args.batch_size:
         raise DataError(f"the train split of '{args.dataset_root}' has {len(train_set)} frames, fewer than "
                         f"--batch_size {args.batch_size}")
-    generator = torch.Generator()
-    if args.seed is not None:
-        generator.manual_seed(args.seed)
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=args.shuffle, drop_last=True,
-                              num_workers=args.num_workers, generator=generator)
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
-    mocap = DataLoader(MoCapDataset(mocap_path(args.data_dir)), batch_size=args.batch_size, shuffle=True,
-                       num_workers=0, generator=generator)
-    return train_loader, val_loader, endless(mocap)
+    train_sampler = EpochSampler(len(train_set), data_seed, shuffle=args.shuffle, rank=distributed.rank(),
+                                 num_replicas=distributed.world_size())
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler, drop_last=True,
+                              num_workers=args.num_workers, generator=torch.Generator().manual_seed(data_seed))
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                            generator=torch.Generator().manual_seed(data_seed))
+    mocap_set = MoCapDataset(mocap_path(args.data_dir))
+    mocap_sampler = EpochSampler(len(mocap_set), data_seed + 1, shuffle=True, rank=distributed.rank(),
+                                 num_replicas=distributed.world_size())
+    mocap = DataLoader(mocap_set, batch_size=args.batch_size, sampler=mocap_sampler, num_workers=0,
+                       generator=torch.Generator().manual_seed(data_seed + 1))
+    return train_loader, train_sampler, val_loader, mocap, mocap_sampler
 
 
 def make_optimizers(model: ProHMRScene, cfg):
@@ -84,12 +94,16 @@ def train_step(model: ProHMRScene, batch: Dict, mocap_batch: Dict, optimizer, op
     loss = loss + adv_weight * loss_adv
     optimizer.zero_grad()
     loss.backward()
+    gen_params, disc_params = model.trainable_groups()
+    distributed.average_gradients(gen_params)                  # no-op in one process
     optimizer.step()
 
     loss_disc = model.discriminator_loss(output, mocap_batch)
     optimizer_disc.zero_grad()
     (adv_weight * loss_disc).backward()
+    distributed.average_gradients(disc_params)
     optimizer_disc.step()
+    distributed.broadcast_norm_buffers(model)
 
     out = {k: float(v) for k, v in terms.items()}
     out.update(loss=float(loss.detach()), loss_gen=float(loss_adv.detach()), loss_disc=float(loss_disc.detach()))
@@ -128,44 +142,81 @@ def format_losses(values: Dict[str, float], keys=('loss', VAL_METRIC, 'loss_v2v_
 
 
 def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
-    """The whole stage-1 training run; returns a summary (run dir, iterations, val history)."""
-    device, run_dir, logger = start_run(args, cfg_path)
+    """The whole stage-1 training run (or its continuation, ``--resume``); returns a summary."""
+    resumed = load_training_state(resume_checkpoint_path(args.resume)) if args.resume else None
+    resume_dir = os.path.dirname(resume_checkpoint_path(args.resume)) if resumed else None
+    data_seed = choose_data_seed(args, resumed)
+    if distributed.launched_by_torchrun():       # join the process group first: the data shards need the rank
+        device, run_dir, logger = start_run(args, cfg_path, run_dir=resume_dir)
+    train_loader, train_sampler, val_loader, mocap_loader, mocap_sampler = build_loaders(args, cfg, data_seed)
+    if not distributed.launched_by_torchrun():   # the inputs are checked before the run folder is made
+        device, run_dir, logger = start_run(args, cfg_path, run_dir=resume_dir)
 
+    if resumed is not None:
+        args.load_pretrained = False          # the weights come from the checkpoint
     model = build_model(args, cfg, device)
-    train_loader, val_loader, mocap_iter = build_loaders(args, cfg)
+    distributed.broadcast_state(model)                          # every rank starts from rank 0's weights
     optimizer, optimizer_disc = make_optimizers(model, cfg)
-    writer = open_summary_writer(run_dir, logger)
+    writer = open_summary_writer(run_dir, logger) if distributed.is_main() else None
     logger.info(f"train: {len(train_loader.dataset)} frames, {len(train_loader)} iterations/epoch; "
                 f"val: {len(val_loader.dataset)} frames")
+    config = run_config(args, cfg, data_seed, 'prohmr_scene')
+    history, best, start_step = [], math.inf, 0
 
-    history, best = [], math.inf
+    def checkpoint(step: int, epoch: int, rng_per_rank=None) -> Dict:
+        return training_checkpoint(model, config, (optimizer, optimizer_disc), step, epoch, best, history,
+                                   rng_per_rank)
 
-    def run_validation(step: int) -> None:
+    def save_last(step: int, epoch: int) -> None:
+        state = checkpoint(step, epoch, distributed.all_gather_objects(rng_state()))
+        if distributed.is_main():
+            atomic_torch_save(state, os.path.join(run_dir, 'last_model.pt'))
+
+    def run_validation(step: int, epoch: int) -> None:
         nonlocal best
+        if not distributed.is_main():
+            return
         val = validate(model, val_loader, device)
         history.append({'iteration': step, **val})
         log_scalars(writer, 'val', val, step)
         improved = val[VAL_METRIC] < best
         if improved:
             best = val[VAL_METRIC]
-            save_stage1_checkpoint(model, os.path.join(run_dir, 'best_model.pt'))
+            atomic_torch_save(checkpoint(step, epoch), os.path.join(run_dir, 'best_model.pt'))
         logger.info(f"[val] iter {step}: {format_losses(val)}" + ('  -> best_model.pt' if improved else ''))
 
-    if args.val_at_start:
-        data_initialize(model, recursive_to(next(iter(train_loader)), device))
-        run_validation(0)
+    if resumed is not None:
+        restore_training_state(resumed, model, (optimizer, optimizer_disc))
+        start_step, best, history = int(resumed['iteration']), float(resumed['best']), list(resumed['history'])
+        logger.info(f"resumed from iteration {start_step} (best val {VAL_METRIC} {best:.4f})")
+    else:
+        if args.val_at_start or distributed.world_size() > 1:
+            # ActNorm data initialisation now, on rank 0's first batch for every rank (normally in the first step)
+            with preserved_rng():
+                data_initialize(model, recursive_to(next(iter(train_loader)), device))
+            distributed.broadcast_state(model)
+        if args.val_at_start:
+            with preserved_rng():
+                run_validation(0, 0)
+    mocap_iter = endless_batches(mocap_loader, mocap_sampler, start_batch=start_step)
+    sync = distributed.SyncCheck(model, args.log_step, logger)
 
     def step_fn(batch: Dict, epoch: int) -> Dict[str, float]:
-        return train_step(model, recursive_to(batch, device), recursive_to(next(mocap_iter), device),
-                          optimizer, optimizer_disc)
+        losses = train_step(model, recursive_to(batch, device), recursive_to(next(mocap_iter), device),
+                            optimizer, optimizer_disc)
+        sync.after_step()
+        return losses
 
-    step, _ = training_loop(
-        train_loader, num_epoch=args.num_epoch, max_iters=args.max_iters, iters_per_epoch=len(train_loader),
-        log_step=args.log_step, val_step=args.val_step, save_step=args.save_step, train_step=step_fn,
-        validate=lambda step, epoch: run_validation(step),
-        save_last=lambda: save_stage1_checkpoint(model, os.path.join(run_dir, 'last_model.pt')),
-        writer=writer, logger=logger, format_losses=format_losses, validated_at_start=args.val_at_start)
+    with StopRequest() as stop:
+        step, _ = training_loop(
+            train_loader, num_epoch=args.num_epoch, max_iters=args.max_iters, iters_per_epoch=len(train_loader),
+            log_step=args.log_step, val_step=args.val_step, save_step=args.save_step, train_step=step_fn,
+            validate=run_validation,
+            save_last=save_last, writer=writer, logger=logger, format_losses=format_losses,
+            validated_at_start=args.val_at_start and resumed is None, start_step=start_step,
+            sampler=train_sampler, stop=stop)
     if writer is not None:
         writer.close()
     logger.info(f"done after {step} iterations; checkpoints in {run_dir}")
+    distributed.close_distributed()
     return {'run_dir': run_dir, 'iterations': step, 'val_history': history, 'best_val': best}

@@ -34,7 +34,7 @@ def run(max_iters, num_epoch=10, num_batches=4, validated_at_start=False):
     def validate(step, epoch):
         calls['val'].append((step, epoch))
 
-    def save_last():
+    def save_last(step, epoch):
         calls['save'] += 1
 
     result = training_loop(loader, num_epoch=num_epoch, max_iters=max_iters, iters_per_epoch=num_batches,
@@ -66,6 +66,49 @@ def test_without_max_iters_runs_all_epochs():
 def test_zero_iterations_only_saves():
     (steps, _), calls, epochs = run(max_iters=0, validated_at_start=True)
     assert steps == 0 and calls['train'] == [] and calls['val'] == [] and calls['save'] == 1 and epochs == []
+
+
+def _sampler_run(max_iters, start_step=0, stop_after=None, num_items=10, batch_size=3, num_workers=0):
+    """Batches (as index lists) that training_loop feeds to train_step with a real DataLoader + EpochSampler."""
+    import torch
+
+    from utils.run_state import EpochSampler, StopRequest
+    sampler = EpochSampler(num_items, seed=5)
+    loader = torch.utils.data.DataLoader(list(range(num_items)), batch_size=batch_size, sampler=sampler,
+                                         drop_last=True, num_workers=num_workers)
+    seen, stop = [], StopRequest()
+
+    def train_step(batch, epoch):
+        seen.append((epoch, batch.tolist()))
+        if stop_after is not None and len(seen) == stop_after:
+            stop.signal_name = 'SIGTERM'
+        return {'loss': 0.0}
+
+    saves = []
+    training_loop(loader, num_epoch=100, max_iters=max_iters, iters_per_epoch=len(loader), log_step=100,
+                  val_step=100, save_step=100, train_step=train_step, validate=lambda s, e: None,
+                  save_last=lambda s, e: saves.append((s, e)), start_step=start_step, sampler=sampler, stop=stop)
+    return seen, saves
+
+
+def test_resumed_loop_sees_exactly_the_remaining_batches():
+    """3 batches per epoch: 8 iterations in one go == 4 iterations, then a resume from iteration 4 to 8 (mid-epoch
+    1), with in-process loading and with workers; epochs have different orders."""
+    full, _ = _sampler_run(8)
+    assert len(full) == 8 and full[0][1] != full[3][1]
+    for workers in (0, 2):
+        first, saves = _sampler_run(4, num_workers=workers)
+        assert saves == [(4, 1)]
+        rest, _ = _sampler_run(8, start_step=4, num_workers=workers)
+        assert first + rest == full
+
+
+def test_stop_request_saves_and_raises_after_the_step():
+    import pytest
+
+    from utils.run_state import RunInterrupted
+    with pytest.raises(RunInterrupted, match='SIGTERM after iteration 2'):
+        _sampler_run(8, stop_after=2)
 
 
 def test_visual_hook_picks_render_then_viewer_then_nothing(monkeypatch, capsys):

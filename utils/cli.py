@@ -68,6 +68,10 @@ def add_training_flags(p: argparse.ArgumentParser, save_dir: str, val_step: int)
     p.add_argument('--run_id', default=None, help='run folder name under --save_dir (default: a random number)')
     p.add_argument('--val_at_start', type=str2bool, default=False,
                    help='also validate the untrained model at iteration 0 (logged, never saved as best)')
+    p.add_argument('--resume', default=None, metavar='PATH',
+                   help='continue a run: its folder (uses last_model.pt) or a checkpoint written by this code; same '
+                        'weights, optimizer, iteration, best value, data order and RNG streams (exact with --seed)')
+    add_bool_flag(p, '--overwrite', False, 'allow a --run_id whose folder already holds checkpoints (replaced)')
 
 
 def add_test_flags(p: argparse.ArgumentParser, checkpoint: str, batch_size: int, render_step: int) -> None:
@@ -133,10 +137,14 @@ def run_training(args, train, errors=()) -> int:
     """
     from configs import PROHMR_YAML, get_config
     from utils.io import DataError
+    from utils.run_state import RunInterrupted
     try:
         args.model_cfg = args.model_cfg or PROHMR_YAML
         cfg = get_config(args.model_cfg)
         summary = train(args, cfg, cfg_path=args.model_cfg)
+    except RunInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
     except (DataError, FileNotFoundError) + tuple(errors) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -123,18 +123,43 @@ def get_logger(run_dir: str = None, name: str = 'egohmr') -> logging.Logger:
     return logger
 
 
-def start_run(args, cfg_path: str = None):
+def start_run(args, cfg_path: str = None, run_dir: str = None):
     """Seed (when ``args.seed`` is set), pick the device, create the run folder with its config copy and logger.
 
+    ``run_dir``: an existing folder to continue (``--resume``); otherwise ``<save_dir>/<run_id>``, refused when it
+    already holds checkpoints unless ``--overwrite``. Leftover temporary files of an interrupted save are removed.
+    Under torchrun (:mod:`utils.distributed`) each process joins the group and takes its device from
+    ``LOCAL_RANK``; rank ``r`` is seeded with ``seed + r``; only rank 0 writes the folder and logs.
     Returns ``(device, run_dir, logger)``.
     """
+    from utils import distributed
+    from utils.run_state import check_run_dir, remove_stale_temp_files
+
+    device = distributed.init_distributed(getattr(args, 'device', None))
     if getattr(args, 'seed', None) is not None:
-        seed_everything(args.seed)
-    device = get_device(args.gpu_id, getattr(args, 'device', None))
-    run_dir = make_run_dir(args.save_dir, args.run_id)
-    save_run_config(run_dir, args, cfg_path)
-    logger = get_logger(run_dir)
-    logger.info(f"run folder: {run_dir} (device {device})")
+        seed_everything(args.seed + distributed.rank())
+    if device is None:
+        device = get_device(args.gpu_id, getattr(args, 'device', None))
+    removed = []
+    if distributed.is_main():
+        if run_dir is None:
+            if args.run_id is not None:
+                check_run_dir(os.path.join(args.save_dir, str(args.run_id)), resume=False,
+                              overwrite=bool(getattr(args, 'overwrite', False)))
+            run_dir = make_run_dir(args.save_dir, args.run_id)
+        removed = remove_stale_temp_files(run_dir)
+        save_run_config(run_dir, args, cfg_path)
+    run_dir = distributed.all_gather_objects(run_dir)[0]
+    if distributed.is_main():
+        logger = get_logger(run_dir)
+    else:
+        logger = logging.getLogger(f'egohmr.rank{distributed.rank()}')
+        logger.addHandler(logging.NullHandler())
+        logger.propagate = False
+    logger.info(f"run folder: {run_dir} (device {device}"
+                + (f", {distributed.world_size()} processes" if distributed.world_size() > 1 else '') + ')')
+    for path in removed:
+        logger.info(f"removed the leftover temporary file of an interrupted save: {path}")
     return device, run_dir, logger
 
 
@@ -158,28 +183,46 @@ def log_scalars(writer, prefix: str, values: dict, step: int) -> None:
 
 def training_loop(loader, *, num_epoch: int, max_iters, iters_per_epoch: int, log_step: int, val_step: int,
                   save_step: int, train_step: Callable[[dict, int], dict], validate: Callable[[int, int], None],
-                  save_last: Callable[[], None], writer=None, logger=None,
-                  format_losses: Callable[[dict], str] = str, validated_at_start: bool = False) -> Tuple[int, int]:
+                  save_last: Callable[[int, int], None], writer=None, logger=None,
+                  format_losses: Callable[[dict], str] = str, validated_at_start: bool = False,
+                  start_step: int = 0, sampler=None, stop=None) -> Tuple[int, int]:
     """The iteration loop both training scripts share; returns ``(iterations done, epoch of the last one)``.
 
-    Per epoch, ``loader.dataset.set_epoch(epoch)`` (where it exists: seeded augmentation) and one pass over
-    ``loader`` calling ``train_step(batch, epoch) -> losses``. Every ``log_step`` iterations the losses go to
-    tensorboard (``train/<name>``) and the log, every ``val_step`` ``validate(step, epoch)`` runs, every
-    ``save_step`` ``save_last()``. A run that stops between validations (``max_iters``) is validated once more;
-    ``save_last()`` always runs at the end. ``max_iters=None`` means no limit (``num_epoch`` epochs).
+    Per epoch, ``loader.dataset.set_epoch(epoch)`` (where it exists: seeded augmentation), ``sampler.set_epoch``
+    (an :class:`utils.run_state.EpochSampler`: the epoch's data order) and one pass over ``loader`` calling
+    ``train_step(batch, epoch) -> losses``. Every ``log_step`` iterations the losses go to tensorboard
+    (``train/<name>``) and the log, every ``val_step`` ``validate(step, epoch)`` runs (on preserved RNG streams, so
+    validating does not change what training draws), every ``save_step`` ``save_last(step, epoch)``. A run that
+    stops between validations (``max_iters``) is validated once more; ``save_last`` always runs at the end.
+    ``max_iters=None`` means no limit (``num_epoch`` epochs). ``start_step`` > 0 resumes: the epochs and batches
+    before it are skipped without loading them (``sampler`` needed). ``stop``: a :class:`utils.run_state.StopRequest`;
+    when it fires, ``save_last`` runs and :class:`utils.run_state.RunInterrupted` is raised.
     """
     from tqdm import tqdm
 
+    from utils.run_state import RunInterrupted, preserved_rng
+
+    def run_validation(at_step: int, epoch: int) -> None:
+        with preserved_rng():
+            validate(at_step, epoch)
+
     max_iters = math.inf if max_iters is None else max_iters
     total = min(max_iters, num_epoch * iters_per_epoch)
-    progress = tqdm(total=None if math.isinf(total) else int(total), desc='train', dynamic_ncols=True)
-    step, last_epoch = 0, 0
-    last_val_step = 0 if validated_at_start else None
-    for epoch in range(num_epoch):
+    if start_step and (sampler is None or iters_per_epoch < 1):
+        raise ValueError("resuming needs the run's EpochSampler")
+    start_epoch, skip = divmod(start_step, iters_per_epoch) if start_step else (0, 0)
+    progress = tqdm(total=None if math.isinf(total) else int(total), initial=start_step, desc='train',
+                    dynamic_ncols=True)
+    step, last_epoch = start_step, max(0, start_epoch - (1 if skip == 0 and start_step else 0))
+    last_val_step = step if (validated_at_start or start_step) else None
+    for epoch in range(start_epoch, num_epoch):
         if step >= max_iters:
             break
         if hasattr(loader.dataset, 'set_epoch'):
             loader.dataset.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            sampler.set_start(skip * loader.batch_size if epoch == start_epoch else 0)
         for batch in loader:
             if step >= max_iters:
                 break
@@ -192,14 +235,19 @@ def training_loop(loader, *, num_epoch: int, max_iters, iters_per_epoch: int, lo
                 if logger is not None:
                     logger.info(f"[train] iter {step} (epoch {epoch}): {format_losses(losses)}")
             if step % val_step == 0:
-                validate(step, epoch)
+                run_validation(step, epoch)
                 last_val_step = step
             if step % save_step == 0:
-                save_last()
+                save_last(step, epoch)
+            if stop:
+                progress.close()
+                save_last(step, epoch)
+                raise RunInterrupted(f"stopped by {stop.signal_name} after iteration {step}; last_model.pt saved "
+                                     "(continue with --resume)")
     progress.close()
     if step > 0 and last_val_step != step:  # stopped between validations: evaluate the final weights too
-        validate(step, last_epoch)
-    save_last()
+        run_validation(step, last_epoch)
+    save_last(step, last_epoch)
     return step, last_epoch
 
 
