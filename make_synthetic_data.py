@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     torch.set_num_threads(1)
-    from dataloaders.synthetic.world import make_world
+    from synthetic.world import make_world
     from utils.io import atomic_json_dump
 
     try:

@@ -60,7 +60,7 @@ def ensure_world(world: str = None) -> types.SimpleNamespace:
     if os.path.exists(paths.root):
         raise SystemExit(f"--world: '{paths.root}' exists but holds no {MARKER} (not a complete bench world); "
                          f"delete it or pass another folder")
-    from dataloaders.synthetic.world import make_world
+    from synthetic.world import make_world
 
     parent = os.path.dirname(paths.root)
     os.makedirs(parent, exist_ok=True)

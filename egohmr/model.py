@@ -11,7 +11,6 @@ each denoising step only projects the x_t and timestep features.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Dict, Optional
 
@@ -24,10 +23,10 @@ from egohmr.embeddings import (TIMESTEP_EMBED_DIM, BetasHead, PoseEmbedding, Pos
                                TranslEncoder)
 from egohmr.gcn import ModulatedGCN
 from egohmr.visibility import smpl_joint_visibility
-from prohmr_scene.backbone import resnet50_backbone
-from utils.body_model import NUM_SMPL_JOINTS, create_smpl
+from backbones.resnet import resnet50_backbone
+from utils.body_model import NUM_SMPL_JOINTS, create_smpl, resolve_data_path
 from utils.geometry import aa_to_rotmat, perspective_projection, rot6d_to_rotmat, rotmat_to_rot6d
-from utils.pointnet import ResnetPointnet
+from backbones.pointnet import ResnetPointnet
 
 BODY_REP_DIM = 6 * NUM_SMPL_JOINTS   # 144
 IMG_FEAT_DIM = 2048
@@ -60,7 +59,8 @@ class EgoHMR(nn.Module):
 
     Args:
         cfg: yacs config (``CAM.FX_NORM_COEFF``, ``EXTRA.FOCAL_LENGTH``).
-        data_dir: folder with ``smpl/smpl/SMPL_*.pkl`` and ``smpl_mean_params.npz``.
+        data_dir: folder with ``smpl/smpl/SMPL_*.pkl``; ``cfg.SMPL.MEAN_PARAMS`` (``data/smpl_mean_params.npz``)
+            is read from it as in stage 1.
         device: where to build the model (default: CPU; move later with ``.to``).
         body_rep_mean / body_rep_std: ``Xmean`` / ``Xstd`` [144] (numpy or torch); None -> 0 / 1. Kept as
             non-persistent buffers: they move with the model but are not in the state_dict.
@@ -119,7 +119,7 @@ class EgoHMR(nn.Module):
         self.diffusion_model = ModulatedGCN(in_dim=self.cond_dim + POSE_EMBED_DIM + TIMESTEP_EMBED_DIM,
                                             hid_dim=gcn_hid_dim, out_dim=6, num_layers=diffusion_blk,
                                             p_dropout=gcn_dropout)
-        self.beta_layer = BetasHead(self.cond_dim, os.path.join(data_dir, 'smpl_mean_params.npz'))
+        self.beta_layer = BetasHead(self.cond_dim, resolve_data_path(cfg.SMPL.MEAN_PARAMS, data_dir))
         self.smpl = create_smpl(data_dir, 'neutral')
         self.smpl_male = create_smpl(data_dir, 'male')
         self.smpl_female = create_smpl(data_dir, 'female')

@@ -14,7 +14,7 @@ from typing import Dict, Iterable
 
 import torch
 
-from prohmr_scene.backbone import extract_backbone_state
+from backbones.resnet import extract_backbone_state
 from utils.io import DataError, atomic_torch_save
 
 PROHMR_HINT = ("pass --load_pretrained False to start from random weights, or point --checkpoint at ProHMR's "

@@ -11,33 +11,22 @@ translation (``convert_pare_to_full_img_cam``), the global 3D joints and their 2
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
 
 from prohmr_scene import losses as L
-from prohmr_scene.backbone import resnet50_backbone
+from backbones.resnet import resnet50_backbone
 from prohmr_scene.discriminator import Discriminator
 from prohmr_scene.heads import SMPLFlowHead
-from utils.body_model import SMPL_TO_OPENPOSE, create_smpl
+from utils.body_model import SMPL_TO_OPENPOSE, create_smpl, resolve_data_path
 from utils.geometry import aa_to_rotmat, convert_pare_to_full_img_cam, perspective_projection, rotmat_to_rot6d
-from utils.pointnet import ResnetPointnet
+from backbones.pointnet import ResnetPointnet
 
 IMAGE_WIDTH, IMAGE_HEIGHT = 1920, 1080   # the original normalises full-image 2D by these constants
 NUM_JOINTS_3D = 24
 PELVIS = 0
-
-
-def resolve_data_path(path: str, data_dir: str) -> str:
-    """Resolve a config path: absolute stays; ``data/<rest>`` -> ``<data_dir>/<rest>``; other relative -> under data_dir."""
-    if os.path.isabs(path):
-        return path
-    norm = path.replace('\\', '/')
-    if norm.startswith('data/'):
-        norm = norm[len('data/'):]
-    return os.path.join(data_dir, norm)
 
 
 class ProHMRScene(nn.Module):

@@ -20,7 +20,7 @@ TINY_WORLD = dict(num_recordings=3, frames_per_recording=6, seed=0)
 @pytest.fixture(scope='session')
 def synthetic_world(tmp_path_factory):
     """A tiny world: ``.data_dir`` (SMPL files, mean params, mocap), ``.dataset_root`` (EgoBody layout)."""
-    from dataloaders.synthetic.world import make_world
+    from synthetic.world import make_world
     out = str(tmp_path_factory.mktemp('synthetic_world'))
     summary = make_world(out, **TINY_WORLD)
     return types.SimpleNamespace(root=out, data_dir=os.path.join(out, 'data'),

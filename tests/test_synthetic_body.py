@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from dataloaders.synthetic import body_model, poses
+from synthetic import body_model, poses
 
 GENDERS = ('neutral', 'male', 'female')
 NUM_MOCAP = 48

@@ -117,3 +117,14 @@ def gender_to_index(gender) -> int:
     if isinstance(gender, bytes):
         gender = gender.decode()
     return 0 if str(gender) == 'm' else 1
+
+
+def resolve_data_path(path: str, data_dir: str) -> str:
+    """Resolve a config path (``SMPL.MEAN_PARAMS``): absolute stays; ``data/<rest>`` -> ``<data_dir>/<rest>``;
+    another relative path -> under ``data_dir``."""
+    if os.path.isabs(path):
+        return path
+    norm = path.replace('\\', '/')
+    if norm.startswith('data/'):
+        norm = norm[len('data/'):]
+    return os.path.join(data_dir, norm)

@@ -18,7 +18,7 @@ import torch.nn as nn
 from egohmr.coap.partition import NUM_PARTS, NUM_SMPL_JOINTS, Partitioner, body_model_tables
 from egohmr.coap.sampling import sample_points_on_faces
 from utils.geometry import aa_to_rotmat
-from utils.pointnet import ResnetPointnet
+from backbones.pointnet import ResnetPointnet
 
 LATENT_DIM = 128
 LEVEL_SET = 0.5

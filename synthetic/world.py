@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
-from dataloaders.synthetic.poses import POSE_KINDS, sample_betas, sample_poses
-from dataloaders.synthetic.scenes import ROOM_STYLES, Room, make_room, write_obj
+from synthetic.poses import POSE_KINDS, sample_betas, sample_poses
+from synthetic.scenes import ROOM_STYLES, Room, make_room, write_obj
 from utils.body_model import SMPL_TO_OPENPOSE, create_smpl
 from utils.egobody import (DATA_INFO_CSV, KINECT_COLOR_JSON, NPZ_FOLDER, SPLITS, TRANSF_PKL, kinect_to_scene_path,
                            scene_mesh_path)
@@ -523,7 +523,7 @@ def plan_world(data_dir: str, num_recordings: int = 6, frames_per_recording: int
                scene_prefix: str = '') -> WorldPlan:
     """Rooms, bodies, cameras, frame transforms and npz annotation of a world, without writing anything.
 
-    Needs the SMPL files under ``data_dir`` (see :func:`dataloaders.synthetic.body_model.write_body_model_files`).
+    Needs the SMPL files under ``data_dir`` (see :func:`synthetic.body_model.write_body_model_files`).
     Deterministic in ``seed``.
     """
     num_recordings, n_frames = _check_args(num_recordings, frames_per_recording, image_size, splits)
@@ -698,7 +698,7 @@ def make_world(out_dir: str, num_recordings: int = 6, frames_per_recording: int 
     ``render=False`` skips the jpgs (everything else is written); ``render_scale`` is the fraction of the image
     size rendered before resizing up (1.0: full-resolution rendering, about 4x slower with software OpenGL).
     """
-    from dataloaders.synthetic.body_model import write_body_model_files
+    from synthetic.body_model import write_body_model_files
 
     started = time.time()
     _check_args(num_recordings, frames_per_recording, image_size, splits)

@@ -524,7 +524,7 @@ def write_body_model_files(data_dir: str, seed: int = 0, num_mocap: int = NUM_MO
 
     Deterministic in ``seed``; every file is written atomically, so reruns are safe. Returns the paths.
     """
-    from dataloaders.synthetic.poses import sample_mocap
+    from synthetic.poses import sample_mocap
     from utils.io import atomic_np_savez, atomic_pickle_dump
 
     if int(num_mocap) < 1:
