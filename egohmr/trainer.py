@@ -15,12 +15,14 @@ from typing import Dict, Optional
 import torch
 from torch.utils.data import DataLoader
 
+from dataloaders.body_rep_stats import save_body_rep_stats
 from diffusion import UniformSampler, create_gaussian_diffusion
 from egohmr.checkpoints import load_backbone_from_prohmr, save_egohmr_checkpoint
 from egohmr.losses import DEFAULT_LOSS_WEIGHTS
 from egohmr.model import EgoHMR
 from utils.io import DataError
-from utils.run import get_logger, log_scalars, open_summary_writer, recursive_to, start_run, training_loop
+from utils.run import (check_finite_losses, check_run_paths, get_logger, log_scalars, open_run_dir, open_summary_writer,
+                       prepare_run, recursive_to, training_loop)
 
 VAL_METRIC = 'loss_keypoints_3d_vis'
 STATS_DIRNAME = 'preprocess_stats'
@@ -55,14 +57,15 @@ def build_model(args, cfg, x_mean, x_std, device) -> EgoHMR:
     return model.to(device)
 
 
-def build_datasets(args, cfg, run_dir: str):
-    """(train set, val set); the train set writes ``<run>/preprocess_stats/preprocess_stats.npz``."""
+def build_datasets(args, cfg, run_dir: Optional[str]):
+    """(train set, val set); with ``run_dir`` the train set writes ``<run>/preprocess_stats/preprocess_stats.npz``."""
     from dataloaders.egobody_dataset import EgoBodyDataset
 
     common = dict(data_dir=args.data_dir, add_scale=args.add_bbox_scale, scene_type=args.scene_type,
                   scene_cano=args.scene_cano, scene_downsample_rate=args.scene_downsample_rate)
     train_set = EgoBodyDataset(cfg, args.dataset_root, split='train', do_augment=args.do_augment, train=True,
-                               get_diffuse_feature=True, body_rep_stats_dir=os.path.join(run_dir, STATS_DIRNAME),
+                               get_diffuse_feature=True,
+                               body_rep_stats_dir=os.path.join(run_dir, STATS_DIRNAME) if run_dir else None,
                                seed=args.seed, **common)
     val_set = EgoBodyDataset(cfg, args.dataset_root, split='val', spacing=args.eval_spacing, do_augment=False,
                              **common)
@@ -84,6 +87,7 @@ def train_step(model: EgoHMR, diffusion, sampler: UniformSampler, batch: Dict, o
     batch['x_t'] = diffusion.q_sample(x_start, t, noise=torch.randn_like(x_start))
     output = model(batch, t)
     loss = model.compute_loss(batch, output, cur_epoch=epoch)
+    check_finite_losses({'loss': loss, **output['losses']})
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -129,12 +133,21 @@ def format_losses(values: Dict[str, float], keys=('loss', VAL_METRIC, 'loss_v2v'
 
 
 def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
-    """The whole stage-2 training run; returns a summary (run dir, iterations, val history)."""
-    device, run_dir, logger = start_run(args, cfg_path)
+    """The whole stage-2 training run; returns a summary (run dir, iterations, val history).
 
-    train_set, val_set = build_datasets(args, cfg, run_dir)
-    logger.info(f"body-representation statistics written to {os.path.join(run_dir, STATS_DIRNAME)}")
+    The inputs (output folder, checkpoints, data) are all read and checked before the run folder is created.
+    """
+    files = [('--coap_checkpoint', args.coap_checkpoint, 'COAP checkpoint', '')] if args.coap_checkpoint else []
+    if args.load_pretrained_img_enc:
+        files.append(('--checkpoint_img_enc', args.checkpoint_img_enc, 'ProHMR checkpoint',
+                      'pass --load_pretrained_img_enc False to start from random weights'))
+    check_run_paths(args, files)
+    device = prepare_run(args)
+    train_set, val_set = build_datasets(args, cfg, None)
     model = build_model(args, cfg, train_set.Xmean, train_set.Xstd, device)
+    run_dir, logger = open_run_dir(args, cfg_path, device)
+    save_body_rep_stats(os.path.join(run_dir, STATS_DIRNAME), train_set.Xmean, train_set.Xstd)
+    logger.info(f"body-representation statistics written to {os.path.join(run_dir, STATS_DIRNAME)}")
     if model.loss_weights['coap_penetration'] > 0:
         if model.coap is None:
             logger.info("COAP is unavailable: the penetration loss is off")

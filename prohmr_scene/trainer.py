@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from prohmr_scene.checkpoints import PROHMR_HINT, load_prohmr_backbone, save_stage1_checkpoint
 from prohmr_scene.model import ProHMRScene
 from utils.io import DataError
-from utils.run import endless, get_logger, log_scalars, open_summary_writer, recursive_to, start_run, training_loop
+from utils.run import (check_finite_losses, check_run_paths, endless, get_logger, log_scalars, open_run_dir,
+                       open_summary_writer, prepare_run, recursive_to, training_loop)
 
 VAL_METRIC = 'loss_keypoints_3d_mode'
 
@@ -82,11 +83,13 @@ def train_step(model: ProHMRScene, batch: Dict, mocap_batch: Dict, optimizer, op
     loss, terms = model.compute_loss(batch, output, train=True)
     loss_adv = model.adversarial_loss(output)
     loss = loss + adv_weight * loss_adv
+    check_finite_losses({'loss': loss, 'loss_gen': loss_adv, **terms})
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
 
     loss_disc = model.discriminator_loss(output, mocap_batch)
+    check_finite_losses({'loss_disc': loss_disc})
     optimizer_disc.zero_grad()
     (adv_weight * loss_disc).backward()
     optimizer_disc.step()
@@ -128,11 +131,16 @@ def format_losses(values: Dict[str, float], keys=('loss', VAL_METRIC, 'loss_v2v_
 
 
 def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
-    """The whole stage-1 training run; returns a summary (run dir, iterations, val history)."""
-    device, run_dir, logger = start_run(args, cfg_path)
+    """The whole stage-1 training run; returns a summary (run dir, iterations, val history).
 
+    The inputs (output folder, checkpoint, data) are all read and checked before the run folder is created.
+    """
+    check_run_paths(args, [('--checkpoint', args.checkpoint, 'ProHMR checkpoint', PROHMR_HINT)]
+                    if args.load_pretrained else [])
+    device = prepare_run(args)
     model = build_model(args, cfg, device)
     train_loader, val_loader, mocap_iter = build_loaders(args, cfg)
+    run_dir, logger = open_run_dir(args, cfg_path, device)
     optimizer, optimizer_disc = make_optimizers(model, cfg)
     writer = open_summary_writer(run_dir, logger)
     logger.info(f"train: {len(train_loader.dataset)} frames, {len(train_loader)} iterations/epoch; "
@@ -140,12 +148,12 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
 
     history, best = [], math.inf
 
-    def run_validation(step: int) -> None:
+    def run_validation(step: int, count_as_best: bool = True) -> None:
         nonlocal best
         val = validate(model, val_loader, device)
         history.append({'iteration': step, **val})
         log_scalars(writer, 'val', val, step)
-        improved = val[VAL_METRIC] < best
+        improved = count_as_best and val[VAL_METRIC] < best
         if improved:
             best = val[VAL_METRIC]
             save_stage1_checkpoint(model, os.path.join(run_dir, 'best_model.pt'))
@@ -153,7 +161,7 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
 
     if args.val_at_start:
         data_initialize(model, recursive_to(next(iter(train_loader)), device))
-        run_validation(0)
+        run_validation(0, count_as_best=False)
 
     def step_fn(batch: Dict, epoch: int) -> Dict[str, float]:
         return train_step(model, recursive_to(batch, device), recursive_to(next(mocap_iter), device),

@@ -14,6 +14,7 @@ import pickle
 
 import numpy as np
 
+from utils.checks import check_smpl_arrays
 from utils.io import DataError
 
 SMPL_GENDERS = ('neutral', 'male', 'female')
@@ -94,6 +95,7 @@ def load_smpl_data(path: str) -> dict:
     for key in ('v_template', 'f', 'J_regressor', 'weights', 'shapedirs', 'posedirs', 'kintree_table'):
         if key not in data:
             raise DataError(f"SMPL body model '{path}' lacks key '{key}'")
+    check_smpl_arrays(data, path)
     return data
 
 
@@ -113,7 +115,10 @@ def create_smpl(data_dir: str = 'data', gender: str = 'neutral', **kwargs):
 
 
 def gender_to_index(gender) -> int:
-    """EgoBody convention: ``'m'`` -> 0 (male), anything else -> 1 (female)."""
+    """EgoBody convention: ``'m'`` -> 0 (male), ``'f'`` -> 1 (female); any other code is a ValueError."""
     if isinstance(gender, bytes):
         gender = gender.decode()
-    return 0 if str(gender) == 'm' else 1
+    code = str(gender).strip()
+    if code not in ('m', 'f'):
+        raise ValueError(f"gender code {str(gender)!r}, expected 'm' or 'f'")
+    return 0 if code == 'm' else 1

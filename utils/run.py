@@ -105,16 +105,49 @@ def get_logger(run_dir: str = None, name: str = 'egohmr') -> logging.Logger:
 def start_run(args, cfg_path: str = None):
     """Seed (when ``args.seed`` is set), pick the device, create the run folder with its config copy and logger.
 
-    Returns ``(device, run_dir, logger)``.
+    Returns ``(device, run_dir, logger)``. Training scripts that check their inputs first call
+    :func:`prepare_run` before reading them and :func:`open_run_dir` after, so a run that cannot start leaves no
+    folder behind.
     """
+    device = prepare_run(args)
+    run_dir, logger = open_run_dir(args, cfg_path, device)
+    return device, run_dir, logger
+
+
+def prepare_run(args) -> torch.device:
+    """Seed (when ``args.seed`` is set) and pick the device; writes nothing."""
     if getattr(args, 'seed', None) is not None:
         seed_everything(args.seed)
-    device = get_device(args.gpu_id)
+    return get_device(args.gpu_id)
+
+
+def open_run_dir(args, cfg_path: str = None, device=None):
+    """Create the run folder with ``params.json``, the config copy and the log file; returns (run_dir, logger)."""
     run_dir = make_run_dir(args.save_dir, args.run_id)
     save_run_config(run_dir, args, cfg_path)
     logger = get_logger(run_dir)
     logger.info(f"run folder: {run_dir} (device {device})")
-    return device, run_dir, logger
+    return run_dir, logger
+
+
+def check_run_paths(args, input_files=()) -> None:
+    """Before a training run starts: ``--save_dir`` (and the run folder) can be folders, and each
+    ``(flag, path, what, hint)`` of ``input_files`` is a file; a DataError naming the flag otherwise."""
+    from utils.checks import require_output_dirs
+    from utils.io import DataError
+    run_dir = os.path.join(args.save_dir, str(args.run_id)) if args.run_id is not None else args.save_dir
+    require_output_dirs([(args.save_dir, '--save_dir'), (run_dir, '--run_id')])
+    for flag, path, what, hint in input_files:
+        if not os.path.isfile(path):
+            raise DataError(f"{flag}: no {what} at '{path}'" + (f"; {hint}" if hint else ''))
+
+
+def check_finite_losses(losses: dict) -> None:
+    """A FloatingPointError naming the terms when a training loss is NaN or infinite (call before the step)."""
+    bad = [name for name, value in losses.items() if not math.isfinite(float(value))]
+    if bad:
+        raise FloatingPointError(f"training loss {', '.join(bad)} is not finite; stopped before the optimizer step, "
+                                 "the weights saved so far are kept (check the inputs or lower the learning rate)")
 
 
 def open_summary_writer(run_dir: str, logger):
