@@ -20,6 +20,7 @@ from tqdm import tqdm
 from egohmr.coap.checkpoint import save_coap_checkpoint
 from egohmr.coap.training import TrainSettings, load_mocap, train_coap
 from utils.body_model import SMPL_GENDERS, create_smpl
+from utils.checks import finite_float_flags_error, output_file_error
 from utils.io import DataError
 
 
@@ -47,8 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ('iters', 'batch_size', 'pool_bodies', 'eval_bodies'):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not args.lr > 0:
-        p.error(f"--lr must be > 0, got {args.lr}")
+    if not args.lr > 0 or finite_float_flags_error(args):
+        p.error(finite_float_flags_error(args) or f"--lr must be > 0, got {args.lr}")
+    error = output_file_error(args.out, '--out')
+    if error:
+        p.error(error)
     return args
 
 

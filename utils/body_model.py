@@ -95,7 +95,6 @@ def load_smpl_data(path: str) -> dict:
     for key in ('v_template', 'f', 'J_regressor', 'weights', 'shapedirs', 'posedirs', 'kintree_table'):
         if key not in data:
             raise DataError(f"SMPL body model '{path}' lacks key '{key}'")
-    check_smpl_arrays(data, path)
     return data
 
 
@@ -109,6 +108,7 @@ def create_smpl(data_dir: str = 'data', gender: str = 'neutral', **kwargs):
 
     path = smpl_model_path(data_dir, gender)
     data = load_smpl_data(path)
+    check_smpl_arrays(data, path)  # SMPL's 6890 vertices / 24 joints, before smplx fails deep inside
     # smplx prints a warning about SMPL having 10 shape coefficients on every construction; that is expected.
     with contextlib.redirect_stdout(io.StringIO()):
         return smplx.SMPL(model_path=path, data_struct=Struct(**data), gender=gender, **kwargs)
