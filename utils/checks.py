@@ -85,8 +85,9 @@ def check_finite(arrays: Dict[str, np.ndarray], path: str, what: str,
             continue
         bad = ~np.isfinite(value.reshape(len(value), -1) if value.ndim else value.reshape(1, 1))
         rows = np.flatnonzero(bad.any(axis=1))
-        raise DataError(f"{what} '{path}' key '{key}' has non-finite values (NaN/inf) at {_frame_name(int(rows[0]), names)}"
-                        + (f" and {len(rows) - 1} more rows" if len(rows) > 1 else '') + "; expected finite numbers")
+        more = f" and {len(rows) - 1} more rows" if len(rows) > 1 else ''
+        raise DataError(f"{what} '{path}' key '{key}' has non-finite values (NaN/inf) at "
+                        f"{_frame_name(int(rows[0]), names)}{more}; expected finite numbers")
 
 
 def check_rows(arrays: Dict[str, np.ndarray], path: str, what: str, reference: str = 'imgname') -> None:

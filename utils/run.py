@@ -144,7 +144,8 @@ def check_run_paths(args, input_files=()) -> None:
 
 def check_finite_losses(losses: dict) -> None:
     """A FloatingPointError naming the terms when a training loss is NaN or infinite (call before the step)."""
-    bad = [name for name, value in losses.items() if not math.isfinite(float(value))]
+    values = {name: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for name, v in losses.items()}
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
     if bad:
         raise FloatingPointError(f"training loss {', '.join(bad)} is not finite; stopped before the optimizer step, "
                                  "the weights saved so far are kept (check the inputs or lower the learning rate)")
