@@ -537,10 +537,10 @@ def test_24_sigterm_during_a_save_leaves_no_temporary_and_keeps_the_old_file(tmp
 
 def test_24_temporaries_of_a_killed_process_are_removed_by_the_next_save(tmp_path):
     dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
-    stale = tmp_path / f'.last_model.pt.{int(dead.stdout)}.abc.tmp'
+    stale = tmp_path / f'.last_model.pt.{int(dead.stdout)}.a1b2c3d4.tmp'
     stale.mkdir()
     (stale / 'last_model.pt').write_bytes(b'x' * 1000)
-    other = tmp_path / f'.best_model.pt.{int(dead.stdout)}.abc.tmp'   # another file's: not ours to remove
+    other = tmp_path / f'.best_model.pt.{int(dead.stdout)}.a1b2c3d4.tmp'   # another file's: not ours to remove
     other.mkdir()
     atomic_torch_save({'a': torch.ones(2)}, str(tmp_path / 'last_model.pt'))
     assert sorted(os.listdir(tmp_path)) == [other.name, 'last_model.pt']

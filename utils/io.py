@@ -55,7 +55,7 @@ def atomic_path(path: str, suffix: str = ''):
 
 def _remove_stale_temporaries(folder: str, name: str) -> None:
     """Remove ``.<name>.<pid>.*.tmp`` folders of earlier writes of ``name`` whose process no longer runs."""
-    pattern = re.compile(r'^\.' + re.escape(name) + r'\.(\d+)\..*\.tmp$')
+    pattern = re.compile(r'^\.' + re.escape(name) + r'\.(\d+)\.[A-Za-z0-9_]{8}\.tmp$')  # mkdtemp: 8 characters
     try:
         entries = os.listdir(folder)
     except OSError:
