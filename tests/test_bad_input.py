@@ -210,8 +210,36 @@ def test_03_non_finite_loss_stops_before_the_optimizer_step():
 
     model = NaNModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    with pytest.raises(FloatingPointError, match='loss.*not finite.*before the optimizer step'):
+    with pytest.raises(FloatingPointError, match=r'non-finite training loss \(loss, loss_keypoints_3d\); stopped '
+                                                 r'before the optimizer step'):
         train_step(model, {}, {}, optimizer, optimizer)
+    assert torch.equal(model.weight.detach(), torch.ones(1))
+
+
+def test_03_non_finite_loss_stops_stage2_before_the_optimizer_step():
+    from egohmr.trainer import train_step
+
+    class NaNDenoiser(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(1))
+
+        def x_start_from_smpl_params(self, params):
+            return torch.zeros(2, 144)
+
+        def forward(self, batch, t):
+            nan = self.weight * float('nan')
+            return {'losses': {'loss_v2v': nan.sum()}, 'x': nan}
+
+        def compute_loss(self, batch, output, cur_epoch):
+            return output['x'].sum()
+
+    diffusion = types.SimpleNamespace(q_sample=lambda x, t, noise: x + noise)
+    sampler = types.SimpleNamespace(sample=lambda bs, device: (torch.zeros(bs, dtype=torch.long), None))
+    model = NaNDenoiser()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    with pytest.raises(FloatingPointError, match=r'non-finite training loss \(loss, loss_v2v\)'):
+        train_step(model, diffusion, sampler, {'img': torch.zeros(2, 3, 4, 4), 'smpl_params': {}}, optimizer, 0)
     assert torch.equal(model.weight.detach(), torch.ones(1))
 
 

@@ -147,7 +147,7 @@ def check_finite_losses(losses: dict) -> None:
     values = {name: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for name, v in losses.items()}
     bad = [name for name, value in values.items() if not math.isfinite(value)]
     if bad:
-        raise FloatingPointError(f"training loss {', '.join(bad)} is not finite; stopped before the optimizer step, "
+        raise FloatingPointError(f"non-finite training loss ({', '.join(bad)}); stopped before the optimizer step, "
                                  "the weights saved so far are kept (check the inputs or lower the learning rate)")
 
 
