@@ -45,14 +45,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
     args = p.parse_args(argv)
-    for name in ('iters', 'batch_size', 'pool_bodies', 'eval_bodies'):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not args.lr > 0 or finite_float_flags_error(args):
-        p.error(finite_float_flags_error(args) or f"--lr must be > 0, got {args.lr}")
-    error = output_file_error(args.out, '--out')
-    if error:
-        p.error(error)
+    error = next((f"--{name} must be >= 1, got {getattr(args, name)}"
+                  for name in ('iters', 'batch_size', 'pool_bodies', 'eval_bodies') if getattr(args, name) < 1), '')
+    error = error or finite_float_flags_error(args) or ('' if args.lr > 0 else f"--lr must be > 0, got {args.lr}")
+    error = error or output_file_error(args.out, '--out')
+    if error:  # one line, before any data is read or any training is done
+        print(f"train_coap.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
     return args
 
 
