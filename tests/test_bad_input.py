@@ -538,7 +538,8 @@ def test_23_output_path_under_a_file_is_refused_first(world, checkpoints, tmp_pa
         'train_coap': ['--data_dir', world.data_dir, '--out', str(blocker / 'coap.ckpt'), '--iters', '1'],
     }[name]
     code, err = run_main(name, argv, capsys)
-    one_line(code, err, 1 if name == 'train_prohmr_scene' else 2, str(blocker), 'must be a folder, but a file is in the way')
+    expected_code = 1 if name == 'train_prohmr_scene' else 2
+    one_line(code, err, expected_code, str(blocker), 'must be a folder, but a file is in the way')
     assert blocker.read_text() == 'keep me'
 
 
