@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from dataloaders import scene_preprocess as sp
 from utils import egobody
+from utils.checks import check_finite
 from utils.geometry import transform_points
 from utils.io import DataError, load_npz_checked, load_pickle
 
@@ -24,7 +25,7 @@ from utils.io import DataError, load_npz_checked, load_pickle
 STAGE1_RESULT_PATH = 'output_results_release/output_prohmr_scene_53618/results.pkl'
 
 
-def load_stage1_translations(path: str, num_frames: int, npz_path: str) -> np.ndarray:
+def load_stage1_translations(path: str, num_frames: int, npz_path: str, imgnames=None) -> np.ndarray:
     """``pred_cam_full_list`` of a stage-1 ``results.pkl`` as float64 ``[num_frames, 3]`` (PV frame)."""
     results = load_pickle(path, 'stage-1 results pkl', hint='written by test_prohmr_scene.py --save_pred_transl')
     if not isinstance(results, dict) or 'pred_cam_full_list' not in results:
@@ -36,6 +37,7 @@ def load_stage1_translations(path: str, num_frames: int, npz_path: str) -> np.nd
         translations = np.asarray(rows, dtype=np.float64).reshape(-1, 3)
     except ValueError as exc:
         raise DataError(f"stage-1 results pkl '{path}': 'pred_cam_full_list' is not [N, 3] translations") from exc
+    check_finite({'pred_cam_full_list': translations}, path, 'stage-1 results pkl', names=imgnames)
     if len(translations) != num_frames:
         raise DataError(f"stage-1 results pkl '{path}' has {len(translations)} translations but '{npz_path}' has "
                         f"{num_frames} frames; run stage 1 on this split with spacing 1 and no shuffling")
@@ -47,7 +49,7 @@ def run(args) -> sp.Summary:
     summary = sp.Summary()
     npz_path = egobody.annotation_npz_path(args.data_root, args.split)
     imgnames = [str(n) for n in load_npz_checked(npz_path, ['imgname'], what='annotation npz')['imgname']]
-    translations_pv = load_stage1_translations(args.stage1_result_path, len(imgnames), npz_path)
+    translations_pv = load_stage1_translations(args.stage1_result_path, len(imgnames), npz_path, imgnames)
     todo = sp.pending_cube_frames(imgnames, save_root, args.split, args.skip_existing, summary)
     scenes = sp.SceneMeshCache(args.data_root)
     for i in tqdm(todo, desc=f's2 {args.split} crops (stage 1)', unit='frame'):

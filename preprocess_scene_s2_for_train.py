@@ -19,6 +19,7 @@ from tqdm import tqdm
 from dataloaders import scene_preprocess as sp
 from utils import egobody
 from utils.body_model import create_smpl
+from utils.checks import check_finite, check_rows
 from utils.geometry import transform_points
 from utils.io import load_npz_checked
 from utils.run import get_device
@@ -34,6 +35,8 @@ def run(args) -> sp.Summary:
     data = load_npz_checked(npz_path, ['imgname', 'gender', *SMPL_KEYS], what='annotation npz',
                             shapes={k: egobody.NPZ_SHAPES[k] for k in SMPL_KEYS})
     imgnames = [str(name) for name in data['imgname']]
+    check_rows(data, npz_path, 'annotation npz')
+    check_finite(data, npz_path, 'annotation npz', names=imgnames)
     genders = sp.smpl_genders(data['gender'], imgnames)
     todo = sp.pending_cube_frames(imgnames, save_root, args.split, args.skip_existing, summary)
     device = get_device()
@@ -49,7 +52,8 @@ def run(args) -> sp.Summary:
                 T_scene2pv = sp.scene_to_pv_of_frame(args.data_root, imgnames[i])
                 body = transform_points(body_pv, np.linalg.inv(T_scene2pv))
                 centre = body.mean(axis=0)
-                theta, shift = sp.draw_cube_yaw_and_shift(sp.frame_rng(args.seed, i), body, centre, args.cube_size)
+                theta, shift = sp.draw_cube_yaw_and_shift(sp.frame_rng(args.seed, i), body, centre, args.cube_size,
+                                                          what=egobody.frame_key(imgnames[i]))
                 scene_points = scenes.vertices(egobody.scene_of(args.data_root, recording))
                 sp.write_cube_crop(sp.cube_output_path(save_root, args.split, imgnames[i]), scene_points, centre,
                                    theta, shift, args.cube_size, args.scene_verts_num_target, summary,

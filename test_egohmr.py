@@ -17,6 +17,7 @@ import sys
 
 from utils.cli import (add_data_flags, add_scene_and_camera_flags, add_test_flags, close_hook, new_parser,
                        positive_flags_error, render_error, visual_hook)
+from utils.checks import error_line, output_dir_error
 from utils.io import DataError
 from utils.run import str2bool
 
@@ -76,6 +77,8 @@ def check_args(args) -> str:
                                         'num_diffusion_timesteps', 'scene_downsample_rate'))
     if error:
         return error
+    if args.samples_per_chain < 0:
+        return f"--samples_per_chain must be >= 0 (0: all samples in one chain), got {args.samples_per_chain}"
     if args.with_coap_grad and args.timestep_respacing_eval == 'ddim5':
         return ("--with_coap_grad True works with --timestep_respacing_eval ddpm only (the original states DDIM is "
                 "not meant for guidance); add --with_coap_grad False for ddim5")
@@ -83,10 +86,41 @@ def check_args(args) -> str:
         error = render_error()
         if error:
             return error
+    if not os.path.isfile(args.checkpoint):
+        return f"--checkpoint: no stage-2 checkpoint at '{args.checkpoint}'"
+    error = output_dir_error(output_dir_of(args), '--save_root') or output_conflict_error(args)
+    if error:
+        return error
     if args.two_stage and not os.path.isfile(args.stage1_result_path):
         return (f"--two_stage: no stage-1 results at --stage1_result_path '{args.stage1_result_path}' "
                 "(run test_prohmr_scene.py first, or pass --two_stage False)")
     return ''
+
+
+def output_dir_of(args) -> str:
+    """``<save_root>/output_egohmr_<checkpoint folder name>``."""
+    from egohmr.checkpoints import checkpoint_run_dir
+    return os.path.join(args.save_root, f'output_egohmr_{os.path.basename(checkpoint_run_dir(args.checkpoint))}')
+
+
+def output_conflict_error(args) -> str:
+    """A reason to refuse when the output folder holds the metrics of a run with another sampler / guidance."""
+    import json
+    path = os.path.join(output_dir_of(args), 'metrics.json')
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):
+        return ''
+    if not isinstance(earlier, dict):
+        return ''
+    ours = {'sampling': args.timestep_respacing_eval, 'guidance': bool(args.with_coap_grad)}
+    theirs = {key: earlier.get(key, value) for key, value in ours.items()}
+    if theirs == ours:
+        return ''
+    return (f"--save_root: '{path}' holds the metrics of a {theirs['sampling']} run with guidance "
+            f"{'on' if theirs['guidance'] else 'off'}; this {ours['sampling']} run (guidance "
+            f"{'on' if ours['guidance'] else 'off'}) would overwrite them: pass another --save_root")
 
 
 def run(args) -> dict:
@@ -138,9 +172,8 @@ def run(args) -> dict:
                              scene_cano=args.scene_cano, scene_downsample_rate=args.scene_downsample_rate)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=args.shuffle, num_workers=args.num_workers)
 
-    model_id = os.path.basename(checkpoint_run_dir(args.checkpoint))
-    folder = f'output_egohmr_{model_id}'
-    out_dir = os.path.join(args.save_root, folder)
+    out_dir = output_dir_of(args)
+    folder = os.path.basename(out_dir)
     faces = model.smpl.faces.astype('int64')
     hook = visual_hook(
         args, os.path.join(args.output_render_root, folder),
@@ -191,7 +224,7 @@ def main(argv=None) -> int:
     try:
         run(args)
     except (DataError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -12,6 +12,7 @@ import sys
 
 from utils.cli import (add_data_flags, add_scene_and_camera_flags, add_test_flags, close_hook, new_parser,
                        positive_flags_error, render_error, visual_hook)
+from utils.checks import error_line, output_dir_error, output_file_error
 from utils.io import DataError
 from utils.run import str2bool
 
@@ -45,6 +46,20 @@ def results_path(save_pred_transl, out_dir: str):
     return path if path.endswith('.pkl') else os.path.join(path, 'results.pkl')
 
 
+def output_dir_of(args) -> str:
+    """``<save_root>/output_prohmr_scene_<checkpoint folder name>``."""
+    model_id = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
+    return os.path.join(args.save_root, f'output_prohmr_scene_{model_id}')
+
+
+def output_paths_error(args) -> str:
+    """'' when metrics.json and results.pkl can be written, else the reason (checked before the evaluation)."""
+    out_dir = output_dir_of(args)
+    pkl = results_path(args.save_pred_transl, out_dir)
+    return (output_dir_error(out_dir, '--save_root')
+            or (output_file_error(pkl, '--save_pred_transl') if pkl else ''))
+
+
 def run(args) -> dict:
     from torch.utils.data import DataLoader
 
@@ -69,11 +84,12 @@ def run(args) -> dict:
     dataset = EgoBodyDataset(cfg, args.dataset_root, split='test', data_dir=args.data_dir, spacing=1,
                              add_scale=args.add_bbox_scale, do_augment=False, scene_type=args.scene_type,
                              scene_cano=args.scene_cano, scene_downsample_rate=args.scene_downsample_rate)
+    if len(dataset) == 0:
+        raise DataError(f"the test split is empty: '{dataset.npz_path}' has no frames")
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=args.shuffle, num_workers=args.num_workers)
 
-    model_id = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
-    folder = f'output_prohmr_scene_{model_id}'
-    out_dir = os.path.join(args.save_root, folder)
+    out_dir = output_dir_of(args)
+    folder = os.path.basename(out_dir)
     faces = model.smpl.faces.astype('int64')
     render_dir = os.path.join(args.output_render_root, folder)
     hook = visual_hook(
@@ -111,13 +127,14 @@ def main(argv=None) -> int:
                                         'scene_downsample_rate'))
     if not error and args.render:
         error = render_error()
+    error = error or output_paths_error(args)
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
         run(args)
     except (DataError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from egohmr.coap.checkpoint import save_coap_checkpoint
 from egohmr.coap.training import TrainSettings, load_mocap, train_coap
 from utils.body_model import SMPL_GENDERS, create_smpl
+from utils.checks import finite_float_flags_error, output_file_error
 from utils.cli import add_bool_flag, add_device_flags
 from utils.io import DataError
 from utils.run import get_device
@@ -46,11 +47,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_device_flags(p)
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
     args = p.parse_args(argv)
-    for name in ('iters', 'batch_size', 'pool_bodies', 'eval_bodies'):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not args.lr > 0:
-        p.error(f"--lr must be > 0, got {args.lr}")
+    error = next((f"--{name} must be >= 1, got {getattr(args, name)}"
+                  for name in ('iters', 'batch_size', 'pool_bodies', 'eval_bodies') if getattr(args, name) < 1), '')
+    error = error or finite_float_flags_error(args) or ('' if args.lr > 0 else f"--lr must be > 0, got {args.lr}")
+    error = error or output_file_error(args.out, '--out')
+    if error:  # one line, before any data is read or any training is done
+        print(f"train_coap.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
     return args
 
 

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    error = positive_flags_error(args, ('batch_size', 'log_step', 'val_step', 'save_step', 'num_epoch',
+    error = positive_flags_error(args, ('batch_size', 'log_step', 'val_step', 'save_step', 'num_epoch', 'max_iters',
                                         'scene_downsample_rate'))
     if error:
         print(f"error: {error}", file=sys.stderr)

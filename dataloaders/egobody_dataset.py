@@ -28,6 +28,7 @@ from dataloaders.augmentation import NO_AUGMENTATION, AugParams, augment_example
 from dataloaders.body_rep_stats import compute_body_rep_stats, save_body_rep_stats
 from utils import egobody
 from utils.body_model import create_smpl, gender_to_index
+from utils.checks import check_finite, check_jpeg_complete, check_rows
 from utils.geometry import transform_points
 from utils.io import DataError, load_npz_checked, load_pickle, require_file
 
@@ -147,10 +148,8 @@ class EgoBodyDataset(Dataset):
                                         shapes=egobody.NPZ_SHAPES)
         self.npz_path = npz_path
         num_frames = len(data['imgname'])
-        for key, value in data.items():
-            if len(value) != num_frames:
-                raise DataError(f"EgoBody annotation npz '{npz_path}' key '{key}' has {len(value)} rows, "
-                                f"expected {num_frames} (as 'imgname')")
+        check_rows(data, npz_path, 'EgoBody annotation npz')
+        check_finite(data, npz_path, 'EgoBody annotation npz', names=[str(n) for n in data['imgname']])
         joints = data['3d_joints_pv']
         if joints.ndim != 3 or joints.shape[1] < NUM_SMPL_JOINTS or joints.shape[2] != 3:
             raise DataError(f"EgoBody annotation npz '{npz_path}' key '3d_joints_pv' has shape "
@@ -166,10 +165,22 @@ class EgoBodyDataset(Dataset):
         self.betas = data['shape'][keep].astype(np.float64)
         self.global_orient_pv = data['global_orient_pv'][keep].astype(np.float64)
         self.transl_pv = data['transl_pv'][keep].astype(np.float64)
-        self.gender = np.array([gender_to_index(g) for g in data['gender'][keep]], dtype=np.int32)
+        self.gender = np.array([self._gender_index(g, name, npz_path)
+                                for g, name in zip(data['gender'][keep], self.imgname)], dtype=np.int32)
         self.fx, self.fy = data['fx'][keep].astype(np.float64), data['fy'][keep].astype(np.float64)
         self.cx, self.cy = data['cx'][keep].astype(np.float64), data['cy'][keep].astype(np.float64)
         self.recordings = [egobody.parse_imgname(name)[0] for name in self.imgname]
+        missing = [name for name in self.imgname if not os.path.isfile(os.path.join(self.dataset_root, name))]
+        if missing:
+            raise DataError(f"missing image '{os.path.join(self.dataset_root, missing[0])}' (frame of "
+                            f"'{npz_path}'; {len(missing)} of {len(self.imgname)} images of the split are missing)")
+
+    @staticmethod
+    def _gender_index(code, imgname: str, npz_path: str) -> int:
+        try:
+            return gender_to_index(code)
+        except ValueError as exc:
+            raise DataError(f"EgoBody annotation npz '{npz_path}' key 'gender' of frame '{imgname}': {exc}") from None
 
     def _load_frame_transforms(self) -> None:
         pairs = [egobody.frame_transforms(self.dataset_root, name) for name in self.imgname]
@@ -213,6 +224,7 @@ class EgoBodyDataset(Dataset):
         if transl.ndim != 2 or transl.shape[1] != 3:
             raise DataError(f"stage-1 results pickle '{path}' key 'pred_cam_full_list' has shape "
                             f"{list(transl.shape)}, expected [N,3]")
+        check_finite({'pred_cam_full_list': transl}, path, 'stage-1 results pickle', names=None)
         if len(transl) != self.num_frames_unspaced:
             raise DataError(f"stage-1 results pickle '{path}' has {len(transl)} rows in 'pred_cam_full_list' but "
                             f"'{self.npz_path}' has {self.num_frames_unspaced} frames (stage 1 must be run on the "
@@ -247,7 +259,10 @@ class EgoBodyDataset(Dataset):
         recording, date, frame = egobody.parse_imgname(self.imgname[index])
         path = require_file(os.path.join(self.cube_root, self.split, recording, date, frame + '.npy'),
                             'scene cube crop')
-        points = np.load(path).astype(np.float64)
+        try:
+            points = np.load(path).astype(np.float64)
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(f"cannot read scene cube crop '{path}' (truncated or not an .npy file): {exc}") from exc
         if points.ndim != 2 or points.shape[1] != 3:
             raise DataError(f"scene cube crop '{path}' has shape {list(points.shape)}, expected [P,3]")
         return transform_points(points, egobody.scene_to_pv(self.kinect2scene[recording], kinect2holo, holo2pv))
@@ -273,6 +288,8 @@ class EgoBodyDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} frames")
         index = index % len(self)
         path = self.image_path(index)
+        if os.path.isfile(path):
+            check_jpeg_complete(path)
         image = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if image is None:
             raise DataError(f"cannot read image '{path}' (missing or not an image)")

@@ -6,6 +6,7 @@ from typing import Dict
 import numpy as np
 from torch.utils.data import Dataset
 
+from utils.checks import check_finite
 from utils.io import DataError, load_npz_checked
 
 
@@ -21,6 +22,7 @@ class MoCapDataset(Dataset):
         if len(arrays['body_pose']) != len(arrays['betas']):
             raise DataError(f"MoCap npz '{npz_path}': 'body_pose' has {len(arrays['body_pose'])} rows but "
                             f"'betas' has {len(arrays['betas'])}")
+        check_finite(arrays, npz_path, 'MoCap npz')
         self.path = npz_path
         self.body_pose = np.ascontiguousarray(arrays['body_pose'][:, 3:], dtype=np.float32)
         self.betas = np.ascontiguousarray(arrays['betas'], dtype=np.float32)

@@ -29,6 +29,7 @@ import numpy as np
 from utils import egobody
 from utils.cli import add_bool_flag
 from utils.geometry import transform_points
+from utils.checks import error_line, finite_float_flags_error, output_dir_error
 from utils.io import DataError, atomic_np_save, require_file
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ DEFAULT_DATA_ROOT = '/mnt/ssd/egobody_release/'
 
 # An OBJ geometric-vertex record: "v x y z [w | r g b]" at the start of a line.
 _OBJ_VERTEX = re.compile(rb'^v[ \t]+(\S+)[ \t]+(\S+)[ \t]+(\S+)', re.MULTILINE)
+# An OBJ face record "f i[/t[/n]] j ... " and the (1-based, positive) vertex index of each of its corners.
+_OBJ_FACE = re.compile(rb'^f[ \t]+([^\r\n]*)', re.MULTILINE)
+_OBJ_INDEX = re.compile(rb'(?<=\s)(\d+)')
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -52,16 +56,29 @@ def read_obj_vertices(path: str) -> np.ndarray:
     This is the vertex list open3d's ``read_triangle_mesh`` returns. ``trimesh.load(process=False,
     maintain_order=True)`` keeps the order too, but drops trailing vertices no face references and returns no
     vertices for a face-less file, so the records are read directly.
+
+    A file that does not end with a line break, or whose faces name vertices it lacks, was cut short (an
+    interrupted download or copy) and is a :class:`DataError`.
     """
     require_file(path, 'scene mesh')
     with open(path, 'rb') as f:
-        rows = _OBJ_VERTEX.findall(f.read())
+        text = f.read()
+    rows = _OBJ_VERTEX.findall(text)
     try:
         vertices = np.array(rows, dtype=np.float64).reshape(-1, 3)
     except ValueError as exc:
         raise DataError(f"scene mesh '{path}' has a vertex line that is not three numbers: {exc}") from exc
     if len(vertices) == 0:
         raise DataError(f"scene mesh '{path}' has no vertices ('v x y z' lines)")
+    if text.strip() and not text.endswith((b'\n', b'\r')):
+        raise DataError(f"scene mesh '{path}' ends in the middle of a line: the file is cut short (interrupted "
+                        f"download or copy?); {len(vertices)} vertices were read")
+    faces = b' '.join(_OBJ_FACE.findall(text))
+    if faces:
+        largest = max(int(i) for i in _OBJ_INDEX.findall(b' ' + faces))
+        if largest > len(vertices):
+            raise DataError(f"scene mesh '{path}' has faces using vertex {largest} but only {len(vertices)} "
+                            "vertices: the file is cut short or damaged")
     return vertices
 
 
@@ -179,17 +196,26 @@ def cube_shift_bounds(body_points: np.ndarray, centre: np.ndarray, theta: float,
 
 
 def draw_cube_yaw_and_shift(rng: np.random.Generator, body_points: Optional[np.ndarray], centre: np.ndarray,
-                            cube_size: float = CUBE_SIZE) -> Tuple[float, Tuple[float, float]]:
+                            cube_size: float = CUBE_SIZE, what: str = 'crop') -> Tuple[float, Tuple[float, float]]:
     """Draw the yaw ``theta ~ U[0, 2 pi)``, then (with ``body_points``) the shift ``(sx, sz)``; else no shift.
 
     The shift draws ``U[low, high]`` from :func:`cube_shift_bounds`; should a body be wider than the footprint
-    (low > high) the draw still lies between the two bounds.
+    (low > high along an axis) the footprint is centred between the two bounds on that axis (the same random
+    number is consumed, so the following draws do not change) and a warning naming ``what`` is logged.
     """
     theta = float(rng.uniform(0.0, 2.0 * np.pi))
     if body_points is None:
         return theta, (0.0, 0.0)
-    (x_low, x_high), (z_low, z_high) = cube_shift_bounds(body_points, centre, theta, cube_size)
-    return theta, (float(rng.uniform(x_low, x_high)), float(rng.uniform(z_low, z_high)))
+    shift = []
+    for axis, (low, high) in zip('xz', cube_shift_bounds(body_points, centre, theta, cube_size)):
+        if low <= high:
+            shift.append(float(rng.uniform(low, high)))
+        else:
+            rng.uniform()
+            shift.append(0.5 * (low + high))
+            log.warning('%s: the body is wider than --cube_size %g along the yawed %s axis; the crop is centred on it',
+                        what, cube_size, axis)
+    return theta, (shift[0], shift[1])
 
 
 def cube_mask(scene_points: np.ndarray, centre: np.ndarray, theta: float, shift: Sequence[float] = (0.0, 0.0),
@@ -350,6 +376,18 @@ def write_cube_crop(path: str, scene_points: np.ndarray, centre: np.ndarray, the
     summary.padded += available < target
 
 
+def flags_error(args: argparse.Namespace) -> str:
+    """A one-line reason when a flag value cannot work (checked before any data is read), else ''."""
+    error = finite_float_flags_error(args)
+    if error:
+        return error
+    if args.scene_verts_num_target < 1:
+        return f"--scene_verts_num_target must be >= 1, got {args.scene_verts_num_target}"
+    if getattr(args, 'cube_size', 1.0) <= 0:
+        return f"--cube_size must be > 0 (metres), got {args.cube_size}"
+    return ''
+
+
 def resolve_save_root(args: argparse.Namespace, save_folder: str) -> str:
     return args.save_root if args.save_root else os.path.join(args.data_root, save_folder)
 
@@ -361,10 +399,14 @@ def setup_logging() -> None:
 def run_script(parser: argparse.ArgumentParser, run, save_folder: str, argv=None) -> 'Summary':
     """Parse flags, run ``run(args)``, print the summary line; a DataError ends the script with one line."""
     args = parser.parse_args(argv)
+    error = flags_error(args) or output_dir_error(resolve_save_root(args, save_folder), '--save_root')
+    if error:
+        print(f'error: {error}', file=sys.stderr)
+        sys.exit(2)
     setup_logging()
     try:
         summary = run(args)
     except DataError as exc:
-        sys.exit(f'error: {exc}')
+        sys.exit(f'error: {error_line(exc)}')
     print(summary.line(resolve_save_root(args, save_folder)))
     return summary

@@ -19,6 +19,10 @@ COAP_PART_TABLE_KEYS = tuple(f'smpl.coap.partitioner.{name}' for name in
                              ('tight_face_tensor', 'extended_face_tensor', 'tight_vert_selector'))
 
 
+# Body-model buffers (rebuilt from the SMPL files in use) may be absent from a checkpoint; network weights may not.
+BODY_MODEL_PREFIXES = ('smpl', 'smpl_male', 'smpl_female')
+
+
 def read_state_dict(path: str, what: str = 'checkpoint') -> Dict[str, torch.Tensor]:
     """The ``state_dict`` of a checkpoint file (``{'state_dict': ...}`` or a bare state dict), on the CPU."""
     return checkpoint_state_dict(load_checkpoint_file(path, what=what), path)
@@ -30,7 +34,8 @@ def load_backbone_from_prohmr(model: torch.nn.Module, path: str, log=print) -> i
 
 
 def load_egohmr_weights(model: torch.nn.Module, path: str, strict_shapes: bool = True) -> Tuple[list, list]:
-    """Load a stage-2 checkpoint with ``strict=False`` (all keys, as the original test does).
+    """Load a stage-2 checkpoint with ``strict=False`` (all keys, as the original test does), except that missing
+    network weights (anything outside the body models, e.g. a stage-1 checkpoint) are a DataError.
 
     COAP part tables are kept as recomputed from our SMPL model (a warning says when the checkpoint's differ).
     ``smpl.coap.*`` entries are skipped when the model has no COAP. Other shape mismatches raise a DataError.
@@ -55,6 +60,11 @@ def load_egohmr_weights(model: torch.nn.Module, path: str, strict_shapes: bool =
     state = {k: v for k, v in state.items() if k not in mismatched}
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k not in COAP_PART_TABLE_KEYS]
+    network = [k for k in missing if k.split('.')[0] not in BODY_MODEL_PREFIXES]
+    if network:
+        raise DataError(f"checkpoint '{path}' lacks {len(network)} of the denoiser's weights (e.g. "
+                        f"{', '.join(network[:2])}); is it a stage-2 EgoHMR checkpoint? (stage-1 checkpoints are "
+                        "tested with test_prohmr_scene.py)")
     return missing, list(result.unexpected_keys)
 
 

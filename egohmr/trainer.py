@@ -15,13 +15,15 @@ from typing import Dict, Optional
 import torch
 from torch.utils.data import DataLoader
 
+from dataloaders.body_rep_stats import save_body_rep_stats
 from diffusion import UniformSampler, create_gaussian_diffusion
 from egohmr.checkpoints import load_backbone_from_prohmr
 from egohmr.losses import DEFAULT_LOSS_WEIGHTS
 from egohmr.model import EgoHMR
-from utils.io import DataError, atomic_torch_save
-from utils.run import get_logger, log_scalars, open_summary_writer, recursive_to, start_run, training_loop
 from utils import distributed
+from utils.io import DataError, atomic_torch_save
+from utils.run import (check_finite_losses, check_run_paths, get_logger, log_scalars, open_run_dir,
+                       open_summary_writer, prepare_run, recursive_to, training_loop)
 from utils.run_state import (EpochSampler, StopRequest, choose_data_seed, load_training_state, preserved_rng,
                              restore_training_state, resume_checkpoint_path, rng_state, run_config,
                              training_checkpoint)
@@ -59,14 +61,15 @@ def build_model(args, cfg, x_mean, x_std, device) -> EgoHMR:
     return model.to(device)
 
 
-def build_datasets(args, cfg, run_dir: str):
-    """(train set, val set); the train set writes ``<run>/preprocess_stats/preprocess_stats.npz``."""
+def build_datasets(args, cfg, run_dir: Optional[str]):
+    """(train set, val set); with ``run_dir`` the train set writes ``<run>/preprocess_stats/preprocess_stats.npz``."""
     from dataloaders.egobody_dataset import EgoBodyDataset
 
     common = dict(data_dir=args.data_dir, add_scale=args.add_bbox_scale, scene_type=args.scene_type,
                   scene_cano=args.scene_cano, scene_downsample_rate=args.scene_downsample_rate)
     train_set = EgoBodyDataset(cfg, args.dataset_root, split='train', do_augment=args.do_augment, train=True,
-                               get_diffuse_feature=True, body_rep_stats_dir=os.path.join(run_dir, STATS_DIRNAME),
+                               get_diffuse_feature=True,
+                               body_rep_stats_dir=os.path.join(run_dir, STATS_DIRNAME) if run_dir else None,
                                seed=args.seed, **common)
     val_set = EgoBodyDataset(cfg, args.dataset_root, split='val', spacing=args.eval_spacing, do_augment=False,
                              **common)
@@ -88,6 +91,7 @@ def train_step(model: EgoHMR, diffusion, sampler: UniformSampler, batch: Dict, o
     x_t = diffusion.q_sample(x_start, t, noise=torch.randn_like(x_start))
     output = model(batch, t, x_t=x_t)
     loss = model.compute_loss(batch, output, cur_epoch=epoch)
+    check_finite_losses({'loss': loss, **output['losses']})
     optimizer.zero_grad()
     loss.backward()
     distributed.average_gradients(model.trainable_parameters())     # no-op in one process
@@ -133,17 +137,27 @@ def format_losses(values: Dict[str, float], keys=('loss', VAL_METRIC, 'loss_v2v'
 
 
 def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
-    """The whole stage-2 training run (or its continuation, ``--resume``); returns a summary."""
+    """The whole stage-2 training run (or its continuation, ``--resume``); returns a summary.
+
+    The inputs (output folder, checkpoints, data) are all read and checked before the run folder is created.
+    """
     resumed = load_training_state(resume_checkpoint_path(args.resume)) if args.resume else None
     resume_dir = os.path.dirname(resume_checkpoint_path(args.resume)) if resumed else None
-    data_seed = choose_data_seed(args, resumed)
-    device, run_dir, logger = start_run(args, cfg_path, run_dir=resume_dir)
-
-    train_set, val_set = build_datasets(args, cfg, run_dir)
-    logger.info(f"body-representation statistics written to {os.path.join(run_dir, STATS_DIRNAME)}")
     if resumed is not None:
         args.load_pretrained_img_enc = False          # the weights come from the checkpoint
+    files = [('--coap_checkpoint', args.coap_checkpoint, 'COAP checkpoint', '')] if args.coap_checkpoint else []
+    if args.load_pretrained_img_enc:
+        files.append(('--checkpoint_img_enc', args.checkpoint_img_enc, 'ProHMR checkpoint',
+                      'pass --load_pretrained_img_enc False to start from random weights'))
+    check_run_paths(args, files)
+    device = prepare_run(args)
+    data_seed = choose_data_seed(args, resumed)
+    train_set, val_set = build_datasets(args, cfg, None)
     model = build_model(args, cfg, train_set.Xmean, train_set.Xstd, device)
+    run_dir, logger = open_run_dir(args, cfg_path, device, run_dir=resume_dir)
+    if distributed.is_main():
+        save_body_rep_stats(os.path.join(run_dir, STATS_DIRNAME), train_set.Xmean, train_set.Xstd)
+    logger.info(f"body-representation statistics written to {os.path.join(run_dir, STATS_DIRNAME)}")
     distributed.broadcast_state(model)                               # every rank starts from rank 0's weights
     if model.loss_weights['coap_penetration'] > 0:
         if model.coap is None:

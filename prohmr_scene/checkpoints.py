@@ -15,6 +15,7 @@ from typing import Dict, Iterable
 import torch
 
 from backbones.resnet import extract_backbone_state
+from utils.checks import check_state_dict_finite, verify_zip_crcs
 from utils.io import DataError, atomic_torch_save
 
 PROHMR_HINT = ("pass --load_pretrained False to start from random weights, or point --checkpoint at ProHMR's "
@@ -52,6 +53,7 @@ def load_checkpoint_file(path: str, map_location='cpu', what: str = 'checkpoint'
     """``torch.load`` a trusted checkpoint; classes that cannot be imported are replaced by stubs."""
     if not os.path.isfile(path):
         raise DataError(f"missing {what}: no file at '{path}'" + (f"; {hint}" if hint else ''))
+    verify_zip_crcs(path, what)
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except (ImportError, AttributeError):
@@ -65,12 +67,16 @@ def load_checkpoint_file(path: str, map_location='cpu', what: str = 'checkpoint'
 
 
 def checkpoint_state_dict(checkpoint, path: str) -> Dict[str, torch.Tensor]:
-    """The ``state_dict`` of a checkpoint dict (or the dict itself when it already maps names to tensors)."""
+    """The ``state_dict`` of a checkpoint dict (or the dict itself when it already maps names to tensors);
+    a DataError when it has none or a tensor holds NaN/inf."""
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get('state_dict'), dict):
-        return checkpoint['state_dict']
-    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return checkpoint
-    raise DataError(f"checkpoint '{path}' has no 'state_dict' entry")
+        state = checkpoint['state_dict']
+    elif isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        state = checkpoint
+    else:
+        raise DataError(f"checkpoint '{path}' has no 'state_dict' entry")
+    check_state_dict_finite(state, path, 'checkpoint')
+    return state
 
 
 def load_prohmr_backbone(model: torch.nn.Module, path: str, only_backbone: bool = True, log=print) -> int:

@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader
 
 from prohmr_scene.checkpoints import PROHMR_HINT, load_prohmr_backbone
 from prohmr_scene.model import ProHMRScene
-from utils.io import DataError, atomic_torch_save
-from utils.run import get_logger, log_scalars, open_summary_writer, recursive_to, start_run, training_loop
 from utils import distributed
+from utils.io import DataError, atomic_torch_save
+from utils.run import (check_finite_losses, check_run_paths, get_logger, log_scalars, open_run_dir,
+                       open_summary_writer, prepare_run, recursive_to, training_loop)
 from utils.run_state import (EpochSampler, StopRequest, choose_data_seed, endless_batches, load_training_state,
                              preserved_rng, restore_training_state, resume_checkpoint_path, rng_state, run_config,
                              training_checkpoint)
@@ -92,6 +93,7 @@ def train_step(model: ProHMRScene, batch: Dict, mocap_batch: Dict, optimizer, op
     loss, terms = model.compute_loss(batch, output, train=True)
     loss_adv = model.adversarial_loss(output)
     loss = loss + adv_weight * loss_adv
+    check_finite_losses({'loss': loss, 'loss_gen': loss_adv, **terms})
     optimizer.zero_grad()
     loss.backward()
     gen_params, disc_params = model.trainable_groups()
@@ -99,6 +101,7 @@ def train_step(model: ProHMRScene, batch: Dict, mocap_batch: Dict, optimizer, op
     optimizer.step()
 
     loss_disc = model.discriminator_loss(output, mocap_batch)
+    check_finite_losses({'loss_disc': loss_disc})
     optimizer_disc.zero_grad()
     (adv_weight * loss_disc).backward()
     distributed.average_gradients(disc_params)
@@ -142,19 +145,21 @@ def format_losses(values: Dict[str, float], keys=('loss', VAL_METRIC, 'loss_v2v_
 
 
 def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
-    """The whole stage-1 training run (or its continuation, ``--resume``); returns a summary."""
+    """The whole stage-1 training run (or its continuation, ``--resume``); returns a summary.
+
+    The inputs (output folder, checkpoint, data) are all read and checked before the run folder is created.
+    """
     resumed = load_training_state(resume_checkpoint_path(args.resume)) if args.resume else None
     resume_dir = os.path.dirname(resume_checkpoint_path(args.resume)) if resumed else None
-    data_seed = choose_data_seed(args, resumed)
-    if distributed.launched_by_torchrun():       # join the process group first: the data shards need the rank
-        device, run_dir, logger = start_run(args, cfg_path, run_dir=resume_dir)
-    train_loader, train_sampler, val_loader, mocap_loader, mocap_sampler = build_loaders(args, cfg, data_seed)
-    if not distributed.launched_by_torchrun():   # the inputs are checked before the run folder is made
-        device, run_dir, logger = start_run(args, cfg_path, run_dir=resume_dir)
-
     if resumed is not None:
         args.load_pretrained = False          # the weights come from the checkpoint
+    check_run_paths(args, [('--checkpoint', args.checkpoint, 'ProHMR checkpoint', PROHMR_HINT)]
+                    if args.load_pretrained else [])
+    device = prepare_run(args)
+    data_seed = choose_data_seed(args, resumed)
     model = build_model(args, cfg, device)
+    train_loader, train_sampler, val_loader, mocap_loader, mocap_sampler = build_loaders(args, cfg, data_seed)
+    run_dir, logger = open_run_dir(args, cfg_path, device, run_dir=resume_dir)
     distributed.broadcast_state(model)                          # every rank starts from rank 0's weights
     optimizer, optimizer_disc = make_optimizers(model, cfg)
     writer = open_summary_writer(run_dir, logger) if distributed.is_main() else None
@@ -172,14 +177,14 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
         if distributed.is_main():
             atomic_torch_save(state, os.path.join(run_dir, 'last_model.pt'))
 
-    def run_validation(step: int, epoch: int) -> None:
+    def run_validation(step: int, epoch: int, count_as_best: bool = True) -> None:
         nonlocal best
         if not distributed.is_main():
             return
         val = validate(model, val_loader, device)
         history.append({'iteration': step, **val})
         log_scalars(writer, 'val', val, step)
-        improved = val[VAL_METRIC] < best
+        improved = count_as_best and val[VAL_METRIC] < best
         if improved:
             best = val[VAL_METRIC]
             atomic_torch_save(checkpoint(step, epoch), os.path.join(run_dir, 'best_model.pt'))
@@ -197,7 +202,7 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
             distributed.broadcast_state(model)
         if args.val_at_start:
             with preserved_rng():
-                run_validation(0, 0)
+                run_validation(0, 0, count_as_best=False)   # the untrained model is logged, never saved as best
     mocap_iter = endless_batches(mocap_loader, mocap_sampler, start_batch=start_step)
     sync = distributed.SyncCheck(model, args.log_step, logger)
 

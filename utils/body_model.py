@@ -14,6 +14,7 @@ import pickle
 
 import numpy as np
 
+from utils.checks import check_smpl_arrays
 from utils.io import DataError
 
 SMPL_GENDERS = ('neutral', 'male', 'female')
@@ -107,16 +108,20 @@ def create_smpl(data_dir: str = 'data', gender: str = 'neutral', **kwargs):
 
     path = smpl_model_path(data_dir, gender)
     data = load_smpl_data(path)
+    check_smpl_arrays(data, path)  # SMPL's 6890 vertices / 24 joints, before smplx fails deep inside
     # smplx prints a warning about SMPL having 10 shape coefficients on every construction; that is expected.
     with contextlib.redirect_stdout(io.StringIO()):
         return smplx.SMPL(model_path=path, data_struct=Struct(**data), gender=gender, **kwargs)
 
 
 def gender_to_index(gender) -> int:
-    """EgoBody convention: ``'m'`` -> 0 (male), anything else -> 1 (female)."""
+    """EgoBody convention: ``'m'`` -> 0 (male), ``'f'`` -> 1 (female); any other code is a ValueError."""
     if isinstance(gender, bytes):
         gender = gender.decode()
-    return 0 if str(gender) == 'm' else 1
+    code = str(gender).strip()
+    if code not in ('m', 'f'):
+        raise ValueError(f"gender code {str(gender)!r}, expected 'm' or 'f'")
+    return 0 if code == 'm' else 1
 
 
 def resolve_data_path(path: str, data_dir: str) -> str:

@@ -92,7 +92,12 @@ def add_test_flags(p: argparse.ArgumentParser, checkpoint: str, batch_size: int,
 
 
 def positive_flags_error(args, names) -> str:
-    """'--name must be >= 1, got v' for the first such flag that is below 1, else ''."""
+    """'--name must be >= 1, got v' for the first such flag that is below 1 (or the first NaN/inf float flag,
+    any flag), else ''."""
+    from utils.checks import finite_float_flags_error
+    error = finite_float_flags_error(args)
+    if error:
+        return error
     for name in names:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -136,6 +141,7 @@ def run_training(args, train, errors=()) -> int:
     Data problems (and the extra ``errors`` types) end with one ``error:`` line and exit code 1.
     """
     from configs import PROHMR_YAML, get_config
+    from utils.checks import error_line
     from utils.io import DataError
     from utils.run_state import RunInterrupted
     try:
@@ -145,8 +151,8 @@ def run_training(args, train, errors=()) -> int:
     except RunInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 130
-    except (DataError, FileNotFoundError) + tuple(errors) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (DataError, FileNotFoundError, FloatingPointError) + tuple(errors) as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 1
     print(f"run folder: {summary['run_dir']}")
     return 0

@@ -12,6 +12,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
+from utils.checks import check_matrix
 from utils.geometry import ADD_TRANS
 from utils.io import DataError, load_json, load_pickle, require_file
 
@@ -91,8 +92,9 @@ def frame_transforms(dataset_root: str, imgname: str) -> Tuple[np.ndarray, np.nd
     ts = timestamp_of(imgname)
     if ts not in entry['trans_world2pv']:
         raise DataError(f"'{TRANSF_PKL}' recording '{recording}' has no trans_world2pv for timestamp '{ts}'")
-    return (np.asarray(entry['trans_kinect2holo'], dtype=np.float32),
-            np.asarray(entry['trans_world2pv'][ts], dtype=np.float32))
+    where = f"'{TRANSF_PKL}' recording '{recording}'"
+    return (check_matrix(entry['trans_kinect2holo'], (4, 4), f"{where} trans_kinect2holo").astype(np.float32),
+            check_matrix(entry['trans_world2pv'][ts], (4, 4), f"{where} trans_world2pv['{ts}']").astype(np.float32))
 
 
 def kinect_to_scene_path(dataset_root: str, recording: str, scene: str) -> str:
@@ -103,7 +105,8 @@ def kinect_to_scene_path(dataset_root: str, recording: str, scene: str) -> str:
 def load_kinect_to_scene(dataset_root: str, recording: str, scene: str) -> np.ndarray:
     """``kinect12_to_world/<scene>.json['trans']``: master Kinect -> scene mesh frame (4x4)."""
     path = kinect_to_scene_path(dataset_root, recording, scene)
-    return np.asarray(load_json(path, 'Kinect-to-scene calibration', keys=('trans',))['trans'], dtype=np.float64)
+    trans = load_json(path, 'Kinect-to-scene calibration', keys=('trans',))['trans']
+    return check_matrix(trans, (4, 4), f"Kinect-to-scene calibration '{path}' key 'trans'")
 
 
 def kinect_to_pv(T_kinect2holo: np.ndarray, T_holo2pv: np.ndarray) -> np.ndarray:

@@ -9,7 +9,11 @@ import contextlib
 import json
 import os
 import pickle
+import re
+import shutil
+import signal
 import tempfile
+import threading
 from typing import Iterable, Optional
 
 import numpy as np
@@ -25,19 +29,71 @@ class DataError(ValueError):
 
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ''):
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
+    """Yield a temporary path to write; on success it replaces ``path`` atomically.
+
+    The temporary file has the final file name (plus ``suffix`` when the name lacks it) inside a hidden folder
+    ``.<name>.<pid>.<random>.tmp`` beside ``path``, so writers that record the file name (``torch.save`` names
+    the zip's inner folder after it) give the same bytes as a direct write. The folder is removed on success,
+    on errors, on Ctrl-C and on SIGTERM (turned into ``SystemExit(143)`` while the file is written); folders
+    left by a killed process (SIGKILL) are removed by the next write of the same file.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp' + suffix, dir=folder)
-    os.close(fd)
+    _remove_stale_temporaries(folder, name)
+    tmp_dir = tempfile.mkdtemp(prefix=f'.{name}.{os.getpid()}.', suffix='.tmp', dir=folder)
+    tmp = os.path.join(tmp_dir, name if name.endswith(suffix) else name + suffix)
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
+        with _sigterm_as_exit():
+            yield tmp
+            os.chmod(tmp, 0o666 & ~_UMASK)  # give the file the usual permissions
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _remove_stale_temporaries(folder: str, name: str) -> None:
+    """Remove ``.<name>.<pid>.*.tmp`` folders of earlier writes of ``name`` whose process no longer runs."""
+    pattern = re.compile(r'^\.' + re.escape(name) + r'\.(\d+)\.[A-Za-z0-9_]{8}\.tmp$')  # mkdtemp: 8 characters
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.match(entry)
+        if match and not _process_alive(int(match.group(1))):
+            shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to another user
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """While inside, SIGTERM raises ``SystemExit(143)`` (so ``finally`` blocks clean up) instead of killing."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def atomic_pickle_dump(obj, path: str, protocol: int = 2) -> None:

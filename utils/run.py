@@ -126,20 +126,38 @@ def get_logger(run_dir: str = None, name: str = 'egohmr') -> logging.Logger:
 def start_run(args, cfg_path: str = None, run_dir: str = None):
     """Seed (when ``args.seed`` is set), pick the device, create the run folder with its config copy and logger.
 
-    ``run_dir``: an existing folder to continue (``--resume``); otherwise ``<save_dir>/<run_id>``, refused when it
-    already holds checkpoints unless ``--overwrite``. Leftover temporary files of an interrupted save are removed.
-    Under torchrun (:mod:`utils.distributed`) each process joins the group and takes its device from
-    ``LOCAL_RANK``; rank ``r`` is seeded with ``seed + r``; only rank 0 writes the folder and logs.
-    Returns ``(device, run_dir, logger)``.
+    ``run_dir``: an existing folder to continue (``--resume``). Training scripts that check their inputs first
+    call :func:`prepare_run` before reading them and :func:`open_run_dir` after, so a run that cannot start leaves
+    no folder behind. Returns ``(device, run_dir, logger)``.
     """
-    from utils import distributed
-    from utils.run_state import check_run_dir, remove_stale_temp_files
+    device = prepare_run(args)
+    run_dir, logger = open_run_dir(args, cfg_path, device, run_dir)
+    return device, run_dir, logger
 
+
+def prepare_run(args) -> torch.device:
+    """Join the process group when started by torchrun (:mod:`utils.distributed`; the device then comes from
+    ``LOCAL_RANK``), seed (when ``args.seed`` is set; rank ``r`` with ``seed + r``) and pick the device.
+    Writes nothing."""
+    from utils import distributed
     device = distributed.init_distributed(getattr(args, 'device', None))
     if getattr(args, 'seed', None) is not None:
         seed_everything(args.seed + distributed.rank())
     if device is None:
         device = get_device(args.gpu_id, getattr(args, 'device', None))
+    return device
+
+
+def open_run_dir(args, cfg_path: str = None, device=None, run_dir: str = None):
+    """Create the run folder with ``params.json``, the config copy and the log file; returns (run_dir, logger).
+
+    ``run_dir``: an existing folder to continue (``--resume``); otherwise ``<save_dir>/<run_id>``, refused when it
+    already holds checkpoints unless ``--overwrite``. Leftover temporary files of an interrupted save are removed.
+    Under torchrun only rank 0 writes the folder and logs.
+    """
+    from utils import distributed
+    from utils.run_state import check_run_dir, remove_stale_temp_files
+
     removed = []
     if distributed.is_main():
         if run_dir is None:
@@ -160,7 +178,32 @@ def start_run(args, cfg_path: str = None, run_dir: str = None):
                 + (f", {distributed.world_size()} processes" if distributed.world_size() > 1 else '') + ')')
     for path in removed:
         logger.info(f"removed the leftover temporary file of an interrupted save: {path}")
-    return device, run_dir, logger
+    return run_dir, logger
+
+
+def check_run_paths(args, input_files=()) -> None:
+    """Before a training run starts: ``--save_dir`` (and the run folder) can be folders, a run folder that holds
+    checkpoints is only reused with ``--resume`` or ``--overwrite``, and each ``(flag, path, what, hint)`` of
+    ``input_files`` is a file; a DataError naming the flag otherwise."""
+    from utils.checks import require_output_dirs
+    from utils.io import DataError
+    from utils.run_state import check_run_dir
+    run_dir = os.path.join(args.save_dir, str(args.run_id)) if args.run_id is not None else args.save_dir
+    require_output_dirs([(args.save_dir, '--save_dir'), (run_dir, '--run_id')])
+    if args.run_id is not None and not getattr(args, 'resume', None):
+        check_run_dir(run_dir, resume=False, overwrite=bool(getattr(args, 'overwrite', False)))
+    for flag, path, what, hint in input_files:
+        if not os.path.isfile(path):
+            raise DataError(f"{flag}: no {what} at '{path}'" + (f"; {hint}" if hint else ''))
+
+
+def check_finite_losses(losses: dict) -> None:
+    """A FloatingPointError naming the terms when a training loss is NaN or infinite (call before the step)."""
+    values = {name: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for name, v in losses.items()}
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise FloatingPointError(f"non-finite training loss ({', '.join(bad)}); stopped before the optimizer step, "
+                                 "the weights saved so far are kept (check the inputs or lower the learning rate)")
 
 
 def open_summary_writer(run_dir: str, logger):

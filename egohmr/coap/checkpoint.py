@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from egohmr.coap.partition import PART_TABLE_NAMES
+from utils.checks import check_state_dict_finite, verify_zip_crcs
 from utils.io import DataError, atomic_torch_save, require_file
 
 TRAINER_TAG = 'none (egohmr train_coap.py)'
@@ -62,6 +63,7 @@ _stand_in_pickle = types.SimpleNamespace(
 def read_checkpoint_file(path: str) -> dict:
     """Load a (Lightning or plain) torch checkpoint onto the CPU without importing Lightning."""
     require_file(path, 'COAP checkpoint', 'an official coap_smpl_<gender>.ckpt or the output of train_coap.py')
+    verify_zip_crcs(path, 'COAP checkpoint')
     try:
         return torch.load(path, map_location='cpu', pickle_module=_stand_in_pickle, weights_only=False)
     except Exception as exc:
@@ -120,7 +122,9 @@ def load_coap_checkpoint(coap, path: str) -> dict:
     """Load an official ``coap_smpl_*.ckpt`` or a ``train_coap.py`` output into ``coap`` (strict); returns the
     raw checkpoint dict."""
     checkpoint = read_checkpoint_file(path)
-    load_coap_state_dict(coap, extract_coap_state_dict(checkpoint, path), path)
+    state = extract_coap_state_dict(checkpoint, path)
+    check_state_dict_finite(state, path, 'COAP checkpoint')
+    load_coap_state_dict(coap, state, path)
     return checkpoint
 
 
