@@ -27,13 +27,12 @@ from torch.utils.data import Dataset
 from dataloaders.augmentation import NO_AUGMENTATION, AugParams, augment_example, sample_aug_params
 from dataloaders.body_rep_stats import compute_body_rep_stats, save_body_rep_stats
 from utils import egobody
-from utils.body_model import create_smpl, gender_to_index
+from utils.body_model import NUM_SMPL_JOINTS, create_smpl, gender_to_index
 from utils.checks import check_finite, check_jpeg_complete, check_rows
 from utils.geometry import transform_points
 from utils.io import DataError, load_npz_checked, load_pickle, require_file
 
 SCENE_TYPES = ('whole_scene', 'cube')
-NUM_SMPL_JOINTS = 24
 HAS_SMPL_PARAMS = {'global_orient': True, 'body_pose': True, 'betas': True, 'transl': True}
 SMPL_PARAMS_IS_AXIS_ANGLE = {'global_orient': True, 'body_pose': True, 'betas': False, 'transl': False}
 

@@ -1,7 +1,7 @@
-"""Checkpoint reading for stage 2: the ProHMR backbone initialisation and EgoHMR weights (spec manifests §1-§2).
+"""Checkpoint reading for stage 2: the ProHMR backbone initialisation and EgoHMR weights.
 
-Checkpoints written by the training scripts hold only ``{'state_dict': model.state_dict()}``. ProHMR's released
-file is a PyTorch-Lightning checkpoint; the stage-1 reader (``prohmr_scene.checkpoints``) loads it without Lightning.
+Checkpoints hold ``{'state_dict': ...}`` with the original key names (plus the training state this code adds).
+ProHMR's released file is a PyTorch-Lightning checkpoint; :mod:`utils.checkpoint_io` reads it without Lightning.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from prohmr_scene.checkpoints import checkpoint_state_dict, load_checkpoint_file, load_prohmr_backbone
+from utils.checkpoint_io import checkpoint_state_dict, load_checkpoint_file, load_prohmr_backbone
 from utils.io import DataError, atomic_torch_save
 
 # COAP's part tables depend on the body mesh; they are always recomputed from the SMPL model in use.

@@ -20,6 +20,7 @@ import torch
 from egohmr import collision
 from egohmr.guidance import SAMPLES_IN_CHAIN_KEY, CollisionGuidance
 from egohmr.visibility import in_image_mask
+from utils.tensors import to_numpy
 from utils.metrics import masked_procrustes, similarity_procrustes
 
 MM = 1000.0
@@ -114,10 +115,6 @@ def final_guided_prediction(model, guidance: CollisionGuidance, batch: Dict, res
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
-def _np(x) -> np.ndarray:
-    return x.detach().cpu().numpy().astype(np.float64) if isinstance(x, torch.Tensor) else np.asarray(x, np.float64)
-
-
 def diversity_std(points: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
     """``points [S, J, 3]``: unbiased std over samples, mean over the (masked) joints and xyz.
 
@@ -196,10 +193,10 @@ class Stage2Metrics:
         cam_center ``[bs,2]``; scene_points_full ``[bs,P,3]`` (PV frame) for the contact score;
         collision_ratio ``[bs,S]``.
         """
-        joint_vis = _np(in_image_mask(gt_joints[:, :24], focal_px, cam_center)).astype(bool)     # [bs,24]
-        vert_vis = _np(in_image_mask(gt_vertices, focal_px, cam_center)).astype(bool)            # [bs,V]
-        pj, pv = _np(pred_joints)[:, :, :24], _np(pred_vertices)
-        gj, gv, transl = _np(gt_joints)[:, :24], _np(gt_vertices), _np(input_transl)
+        joint_vis = to_numpy(in_image_mask(gt_joints[:, :24], focal_px, cam_center), np.float64).astype(bool)     # [bs,24]
+        vert_vis = to_numpy(in_image_mask(gt_vertices, focal_px, cam_center), np.float64).astype(bool)            # [bs,V]
+        pj, pv = to_numpy(pred_joints, np.float64)[:, :, :24], to_numpy(pred_vertices, np.float64)
+        gj, gv, transl = to_numpy(gt_joints, np.float64)[:, :24], to_numpy(gt_vertices, np.float64), to_numpy(input_transl, np.float64)
         bs, n = pj.shape[:2]
         if n != self.num_samples:
             raise ValueError(f"expected {self.num_samples} samples per frame, got {n}")
@@ -233,13 +230,13 @@ class Stage2Metrics:
             self._add('apd_joints' + name, [diversity_apd(pj_al[k], mask_of(k)) for k in range(bs)])
 
         if scene_points_full is not None:
-            scene = _np(scene_points_full)
+            scene = to_numpy(scene_points_full, np.float64)
             full_vertices = pv + transl[:, None, None]
             min_sq = np.array([[min_squared_distance_to_scene(full_vertices[k, s], scene[k]) for s in range(n)]
                                for k in range(bs)])
             self._add('contact_min_sq_dist', min_sq)
         if collision_ratio is not None:
-            self._add('collision_ratio', _np(collision_ratio).reshape(bs, n))
+            self._add('collision_ratio', to_numpy(collision_ratio, np.float64).reshape(bs, n))
 
     def _per_point(self, name: str, err: np.ndarray, vis: np.ndarray) -> None:
         """Store per-frame mean ``[bs,S]`` and the visible / invisible sums ``[bs,S]`` of ``err [bs,S,N]``."""
@@ -383,9 +380,9 @@ def evaluate(model, diffusion, loader, device, num_samples: int = 1, method: str
                        gt_vertices, focal_px, center,
                        scene_points_full=batch['scene_pcd_verts_full'] if eval_contact else None,
                        collision_ratio=collision_ratio)
-        saved['pred_betas_list'].append(_np(samples['betas']).astype(np.float32))
-        saved['pred_global_orient_list'].append(_np(samples['global_orient']).astype(np.float32))
-        saved['pred_body_pose_list'].append(_np(samples['body_pose']).astype(np.float32))
+        saved['pred_betas_list'].append(to_numpy(samples['betas'], np.float64).astype(np.float32))
+        saved['pred_global_orient_list'].append(to_numpy(samples['global_orient'], np.float64).astype(np.float32))
+        saved['pred_body_pose_list'].append(to_numpy(samples['body_pose'], np.float64).astype(np.float32))
         saved['collision_ratio_list'].append(collision_ratio if collision_ratio is not None
                                              else np.zeros((bs, num_samples)))
         if eval_contact:
@@ -394,8 +391,8 @@ def evaluate(model, diffusion, loader, device, num_samples: int = 1, method: str
             contact = np.zeros((bs, num_samples))
         saved['contact_ratio_list'].append(contact)
         if two_stage:
-            saved['pred_cam_full_list'].append(_np(batch['smpl_params']['transl']).astype(np.float32))
-        saved['gt_cam_full_list'].append(_np(gt_transl).astype(np.float32))
+            saved['pred_cam_full_list'].append(to_numpy(batch['smpl_params']['transl'], np.float64).astype(np.float32))
+        saved['gt_cam_full_list'].append(to_numpy(gt_transl, np.float64).astype(np.float32))
         if on_batch is not None:
             on_batch(step, batch, samples, {'vertices': gt_vertices, 'joints': gt_joints})
         if log_freq and step % log_freq == 0 and step > 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from utils.body_model import OPENPOSE_MIDHIP, OPENPOSE_TO_SMPL_TEST, OPENPOSE_TO_SMPL_TRAIN
-from utils.egobody import IMAGE_HEIGHT, IMAGE_WIDTH
+from utils.camera import IMAGE_HEIGHT, IMAGE_WIDTH
 
 
 def openpose_to_smpl_map(pelvis_vis_loosen: bool) -> list:

@@ -11,10 +11,10 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from utils.body_model import NUM_SMPL_JOINTS
 from utils.metrics import STAGE1_METRICS, stage1_frame_errors
 from utils.run import format_table, recursive_to
 
-NUM_JOINTS = 24
 
 
 class MetricAccumulator:
@@ -48,7 +48,7 @@ def mode_prediction(output: Dict) -> Dict[str, torch.Tensor]:
     ``create_transl=False`` SMPL (as the original test recomputes); the mode translation is then added.
     """
     transl = output['pred_cam_t_full'][:, 0]
-    return {'joints': output['pred_keypoints_3d'][:, 0, :NUM_JOINTS] + transl[:, None],
+    return {'joints': output['pred_keypoints_3d'][:, 0, :NUM_SMPL_JOINTS] + transl[:, None],
             'vertices': output['pred_vertices'][:, 0] + transl[:, None], 'transl': transl}
 
 
@@ -71,7 +71,7 @@ def evaluate(model, loader, device, log_freq: int = 100, on_batch: Optional[Call
         output = model.forward_step(batch, train=False)
         pred = mode_prediction(output)
         gt_joints, gt_vertices = model.gt_smpl_output(batch)
-        gt = {'joints': gt_joints[:, :NUM_JOINTS], 'vertices': gt_vertices}
+        gt = {'joints': gt_joints[:, :NUM_SMPL_JOINTS], 'vertices': gt_vertices}
         acc.add(stage1_frame_errors(pred['joints'], pred['vertices'], gt['joints'], gt['vertices']))
         transl.append(pred['transl'].float().cpu().numpy())
         if on_batch is not None:

@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 
 from prohmr_scene.flow import ConditionalGlow
+from utils.body_model import NUM_SMPL_JOINTS
 from utils.geometry import rot6d_to_rotmat
 from utils.io import load_npz_checked
 
 NUM_BETAS = 10
-NUM_POSE_JOINTS = 24
 
 
 class FCHead(nn.Module):
@@ -44,7 +44,7 @@ class FCHead(nn.Module):
 class SMPLFlowHead(nn.Module):
     """Pose distribution (``flow``) plus shape/camera regressor (``fc_head``), conditioned on one context."""
 
-    def __init__(self, context_features: int, mean_params_path: str, pose_dim: int = 6 * NUM_POSE_JOINTS,
+    def __init__(self, context_features: int, mean_params_path: str, pose_dim: int = 6 * NUM_SMPL_JOINTS,
                  hidden_features: int = 1024, num_layers: int = 4, num_blocks_per_layer: int = 2,
                  fc_hidden: int = 1024):
         super().__init__()
@@ -68,7 +68,7 @@ class SMPLFlowHead(nn.Module):
         pose_6d, log_prob, _ = self.flow.sample_and_log_prob(num_samples, context, noise=noise)
         num_samples = pose_6d.shape[1]
         rotmats = rot6d_to_rotmat(pose_6d.reshape(-1, 6), mode='prohmr').view(
-            context.shape[0], num_samples, NUM_POSE_JOINTS, 3, 3)
+            context.shape[0], num_samples, NUM_SMPL_JOINTS, 3, 3)
         betas, cam = self.fc_head(context, num_samples)
         return {'pred_pose_6d': pose_6d, 'log_prob': log_prob, 'global_orient': rotmats[:, :, :1],
                 'body_pose': rotmats[:, :, 1:], 'betas': betas, 'cam': cam}

@@ -20,12 +20,11 @@ from prohmr_scene import losses as L
 from backbones.resnet import resnet50_backbone
 from prohmr_scene.discriminator import Discriminator
 from prohmr_scene.heads import SMPLFlowHead
-from utils.body_model import SMPL_TO_OPENPOSE, create_smpl, resolve_data_path
+from utils.body_model import NUM_SMPL_JOINTS, SMPL_TO_OPENPOSE, create_smpl, resolve_data_path
+from utils.camera import IMAGE_CENTER, camera_features, normalise_full_image_points
 from utils.geometry import aa_to_rotmat, convert_pare_to_full_img_cam, perspective_projection, rotmat_to_rot6d
 from backbones.pointnet import ResnetPointnet
 
-IMAGE_WIDTH, IMAGE_HEIGHT = 1920, 1080   # the original normalises full-image 2D by these constants
-NUM_JOINTS_3D = 24
 PELVIS = 0
 
 
@@ -92,19 +91,12 @@ class ProHMRScene(nn.Module):
         """Principal point in pixels ``[B, 2]`` (the fixed image centre without ``with_focal_length``)."""
         if self.with_focal_length:
             return torch.stack([batch['cam_cx'].float(), batch['cam_cy'].float()], dim=-1)
-        return batch['fx'].new_tensor([IMAGE_WIDTH / 2, IMAGE_HEIGHT / 2]).float().expand(batch['fx'].shape[0], 2)
+        return batch['fx'].new_tensor(IMAGE_CENTER).float().expand(batch['fx'].shape[0], 2)
 
     def conditioning(self, batch: Dict) -> torch.Tensor:
         """Context ``[B, 2566]`` = [cam_cx/f, cam_cy/f, box_cx/f, box_cy/f, box_size/f, fx, image(2048), scene(512)]."""
-        focal = self.focal_length(batch)[:, None]
-        parts = []
-        if self.with_cam_center:
-            parts.append(torch.stack([batch['cam_cx'], batch['cam_cy']], dim=-1).float() / focal)
-        if self.with_bbox_info:
-            box = torch.cat([batch['box_center'].float(), batch['box_size'].float()[:, None]], dim=-1)
-            parts.append(box / focal)
-        if self.with_focal_length:
-            parts.append(batch['fx'].float()[:, None])
+        parts = [camera_features(batch, self.focal_length(batch), self.with_cam_center, self.with_bbox_info,
+                                 self.with_focal_length)]
         parts.append(self.backbone(batch['img']))
         points = batch['scene_pcd_verts_full'].float()
         if self.scene_cano:
@@ -161,7 +153,7 @@ class ProHMRScene(nn.Module):
         flat_joints = joints.reshape(batch_size * num_samples, -1, 3)
         focal_xy = per_sample(torch.stack([focal, focal], dim=-1))
         kp2d_full = perspective_projection(flat_joints, cam_t_full.reshape(-1, 3), focal_xy, per_sample(center))
-        kp2d_full = kp2d_full / kp2d_full.new_tensor([IMAGE_WIDTH, IMAGE_HEIGHT]) - 0.5
+        kp2d_full = normalise_full_image_points(kp2d_full)
         kp2d_crop = perspective_projection(flat_joints, pred_cam_t.reshape(-1, 3), focal_xy,
                                            torch.zeros_like(focal_xy)) / self.image_size
         return {
@@ -217,7 +209,7 @@ class ProHMRScene(nn.Module):
 
         gt_joints_smpl, gt_vertices = self.gt_smpl_output(batch)
         gt_joints_pv = batch['keypoints_3d_full'].float()
-        joints24 = output['pred_keypoints_3d'][:, :, :NUM_JOINTS_3D]
+        joints24 = output['pred_keypoints_3d'][:, :, :NUM_SMPL_JOINTS]
 
         per_sample = {
             'keypoints_2d': L.keypoint_2d_loss(output['pred_keypoints_2d'][:, :, SMPL_TO_OPENPOSE],
@@ -225,7 +217,7 @@ class ProHMRScene(nn.Module):
             'keypoints_2d_full': L.keypoint_2d_loss(output['pred_keypoints_2d_full'][:, :, SMPL_TO_OPENPOSE],
                                                     batch['orig_keypoints_2d'].float()),
             'keypoints_3d': L.keypoint_3d_loss(joints24, batch['keypoints_3d'].float(), pelvis_id=PELVIS),
-            'keypoints_3d_full': L.keypoint_3d_loss(output['pred_keypoints_3d_full'][:, :, :NUM_JOINTS_3D],
+            'keypoints_3d_full': L.keypoint_3d_loss(output['pred_keypoints_3d_full'][:, :, :NUM_SMPL_JOINTS],
                                                     gt_joints_pv),
             'v2v': L.vertex_loss(output['pred_vertices'], output['pred_keypoints_3d'][:, :, PELVIS],
                                  gt_vertices, gt_joints_smpl[:, PELVIS]),

@@ -16,7 +16,7 @@ from typing import Dict, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from prohmr_scene.checkpoints import PROHMR_HINT, load_prohmr_backbone
+from utils.checkpoint_io import PROHMR_HINT, load_prohmr_backbone
 from prohmr_scene.model import ProHMRScene
 from utils import distributed
 from utils.io import DataError, atomic_torch_save

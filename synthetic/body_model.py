@@ -23,11 +23,11 @@ import scipy.sparse as sp
 from scipy.optimize import lsq_linear
 from scipy.spatial import cKDTree
 
+from utils.body_model import NUM_SMPL_JOINTS, SMPL_PARENTS
+
 NUM_VERTICES = 6890
 NUM_FACES = 13776
-NUM_JOINTS = 24
 NUM_BETAS = 10
-SMPL_PARENTS = [-1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16, 17, 18, 19, 20, 21]
 ROOT_PARENT = 4294967295  # SMPL stores the root's parent as uint32(-1)
 
 GRID_STEP = 0.008    # metres between SDF samples
@@ -52,7 +52,7 @@ def _mirror(p):
 
 def rest_joints() -> np.ndarray:
     """The 24 neutral rest joints ``[24, 3]`` (T-pose, metres)."""
-    joints = np.zeros((NUM_JOINTS, 3))
+    joints = np.zeros((NUM_SMPL_JOINTS, 3))
     for j, p in _HALF_JOINTS.items():
         joints[j] = p
         if j in LEFT_JOINTS:
@@ -254,7 +254,7 @@ def _place_landmarks(verts: np.ndarray, faces: np.ndarray, targets: dict):
 def _bone_segments(joints: np.ndarray):
     """For each joint, the segment (start, end) it moves and a nominal thickness; used for skinning."""
     J = joints
-    starts, ends, radii = np.zeros((NUM_JOINTS, 3)), np.zeros((NUM_JOINTS, 3)), np.zeros(NUM_JOINTS)
+    starts, ends, radii = np.zeros((NUM_SMPL_JOINTS, 3)), np.zeros((NUM_SMPL_JOINTS, 3)), np.zeros(NUM_SMPL_JOINTS)
 
     def bone(j, a, b, r):
         starts[j], ends[j], radii[j] = a, b, r
@@ -353,7 +353,7 @@ def _joint_regressor(verts: np.ndarray, joints: np.ndarray) -> sp.csc_matrix:
         cols.append(idx[keep])
         vals.append(w[keep] / w[keep].sum())
     reg = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                        shape=(NUM_JOINTS, len(verts)))
+                        shape=(NUM_SMPL_JOINTS, len(verts)))
     return reg
 
 
@@ -408,8 +408,8 @@ def _pose_directions(verts, faces, weights) -> np.ndarray:
     import trimesh
 
     normals = trimesh.Trimesh(verts, faces, process=False).vertex_normals
-    dirs = np.zeros((len(verts), 3, 9 * (NUM_JOINTS - 1)))
-    for j in range(1, NUM_JOINTS):
+    dirs = np.zeros((len(verts), 3, 9 * (NUM_SMPL_JOINTS - 1)))
+    for j in range(1, NUM_SMPL_JOINTS):
         around = np.clip(4.0 * weights[:, j] * weights[:, SMPL_PARENTS[j]], 0.0, 1.0)
         for d in (0, 4, 8):
             dirs[:, :, 9 * (j - 1) + d] = -POSE_BULGE * around[:, None] * normals
@@ -456,7 +456,7 @@ def build_body_models(seed: int = 0) -> dict:
     shoulders, female shorter with wider hips); their joints are regressed from their own templates.
     """
     base = _neutral_model(int(seed))
-    kintree = np.stack([np.array(SMPL_PARENTS, dtype=np.int64), np.arange(NUM_JOINTS, dtype=np.int64)])
+    kintree = np.stack([np.array(SMPL_PARENTS, dtype=np.int64), np.arange(NUM_SMPL_JOINTS, dtype=np.int64)])
     kintree[0, 0] = ROOT_PARENT
     sym = _mirror_indices(base['v_template'])
     models = {}
@@ -498,7 +498,7 @@ def mean_pose_rotmats() -> np.ndarray:
     """Mean pose ``[24, 3, 3]``: identity root, arms a little lowered, elbows and knees slightly bent."""
     from scipy.spatial.transform import Rotation
 
-    rots = np.tile(np.eye(3), (NUM_JOINTS, 1, 1))
+    rots = np.tile(np.eye(3), (NUM_SMPL_JOINTS, 1, 1))
     rest = {16: ('z', -10.0), 17: ('z', 10.0), 18: ('y', -10.0), 19: ('y', 10.0), 4: ('x', 5.0), 5: ('x', 5.0)}
     for joint, (axis, degrees) in rest.items():
         rots[joint] = Rotation.from_euler(axis, degrees, degrees=True).as_matrix()

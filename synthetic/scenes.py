@@ -452,10 +452,3 @@ def write_obj(path: str, vertices: np.ndarray, faces: np.ndarray) -> None:
         out.write('\n')
         out.write(face_lines)
         out.write('\n')
-
-
-def read_obj_vertices(path: str) -> np.ndarray:
-    """The ``v`` lines of an OBJ file in file order, float64 ``[V, 3]`` (faces ignored)."""
-    with open(path) as f:
-        rows = [line[2:] for line in f if line.startswith('v ')]
-    return np.loadtxt(rows, dtype=np.float64).reshape(-1, 3)

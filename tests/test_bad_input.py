@@ -227,7 +227,7 @@ def test_03_non_finite_loss_stops_stage2_before_the_optimizer_step():
         def x_start_from_smpl_params(self, params):
             return torch.zeros(2, 144)
 
-        def forward(self, batch, t):
+        def forward(self, batch, t, x_t=None):
             nan = self.weight * float('nan')
             return {'losses': {'loss_v2v': nan.sum()}, 'x': nan}
 

@@ -17,6 +17,7 @@ from dataloaders.egobody_dataset import EgoBodyDataset, PelvisRegressor
 from dataloaders.mocap_dataset import MoCapDataset
 from utils import egobody
 from utils.body_model import SMPL_TO_OPENPOSE, create_smpl
+from utils.camera import IMAGE_SIZE
 from utils.io import DataError
 
 CFG = prohmr_config()
@@ -160,7 +161,7 @@ def test_item_keys_shapes_and_values(world, plain):
     assert item['cam_cy'] == pytest.approx(npz['cy'][1], rel=1e-6)
     np.testing.assert_allclose(item['box_center'], npz['center'][1], rtol=1e-6)
     assert item['box_size'] == pytest.approx(npz['scale'][1] * 1.2 * 200, rel=1e-6)
-    full_px = (item['orig_keypoints_2d'][:, :2] + 0.5) * [egobody.IMAGE_WIDTH, egobody.IMAGE_HEIGHT]
+    full_px = (item['orig_keypoints_2d'][:, :2] + 0.5) * list(IMAGE_SIZE)
     np.testing.assert_allclose(full_px, npz['valid_keypoints'][1][:, :2], atol=1e-2)
     transf = world.transf[world.imgnames[1].split('/')[-4]]
     np.testing.assert_allclose(item['transf_kinect2holo'], transf['trans_kinect2holo'], rtol=1e-6, atol=1e-6)

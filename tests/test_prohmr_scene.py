@@ -14,7 +14,8 @@ import torch
 
 from configs import get_config
 from prohmr_scene import losses as L
-from prohmr_scene.checkpoints import load_prohmr_backbone, load_stage1_checkpoint, save_stage1_checkpoint
+from prohmr_scene.checkpoints import load_stage1_checkpoint, save_stage1_checkpoint
+from utils.checkpoint_io import load_prohmr_backbone
 from prohmr_scene.model import ProHMRScene
 from utils.body_model import SMPL_TO_OPENPOSE, resolve_data_path
 from utils.geometry import aa_to_rotmat, convert_pare_to_full_img_cam, perspective_projection, rotmat_to_aa

@@ -105,8 +105,11 @@ def test_existing_run_is_refused_without_resume_or_overwrite(world, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.count('\n') == 0 and 'already holds' in err and '--resume' in err and 'same' in err
     assert_same_weights(weights(tmp_path / 'same' / 'last_model.pt'), before)
-    stale = tmp_path / 'same' / '.last_model.pt.abc123.tmp'
-    stale.write_bytes(b'half a checkpoint')
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()                                        # a pid that no longer runs: its save was interrupted
+    stale = tmp_path / 'same' / f'.last_model.pt.{dead.pid}.abcd1234.tmp'
+    stale.mkdir()
+    (stale / 'last_model.pt').write_bytes(b'half a checkpoint')
     assert script.main(flags(world, 'stage1', tmp_path, 'same', 1, extra=['--overwrite', 'True'])) == 0
     assert not stale.exists()
     assert script.main(['--resume', str(tmp_path / 'nothing_here'), *flags(world, 'stage1', tmp_path, 'x', 1)]) == 1

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from dataloaders.scene_preprocess import read_obj_vertices
 from synthetic import world as W
-from synthetic.scenes import Box, Panel, make_room, read_obj_vertices
+from synthetic.scenes import Box, Panel, make_room
 from utils.body_model import SMPL_TO_OPENPOSE, create_smpl
 from utils.egobody import (NPZ_KEYS, NPZ_SHAPES, SPLITS, annotation_npz_path, frame_transforms, load_kinect_to_scene,
                            load_recording_scenes, parse_imgname, scene_mesh_path, scene_to_pv)

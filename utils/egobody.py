@@ -17,7 +17,6 @@ from utils.geometry import ADD_TRANS
 from utils.io import DataError, load_json, load_pickle, require_file
 
 SPLITS = ('train', 'val', 'test')
-IMAGE_WIDTH, IMAGE_HEIGHT = 1920, 1080
 
 NPZ_FOLDER = 'annotation_egocentric_smpl_npz'
 S1_FOLDER = 'Egohmr_scene_preprocess_s1_release'

@@ -5,11 +5,8 @@ All functions take numpy or torch arrays of shape ``[B, N, 3]`` (metres) and ret
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-
-def _np(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+from utils.tensors import to_numpy
 
 
 def similarity_procrustes(pred, gt) -> np.ndarray:
@@ -17,7 +14,7 @@ def similarity_procrustes(pred, gt) -> np.ndarray:
 
     Returns the aligned prediction ``[B, N, 3]`` (float64).
     """
-    pred, gt = _np(pred).astype(np.float64), _np(gt).astype(np.float64)
+    pred, gt = to_numpy(pred).astype(np.float64), to_numpy(gt).astype(np.float64)
     mu_p, mu_g = pred.mean(axis=1, keepdims=True), gt.mean(axis=1, keepdims=True)
     xp, xg = pred - mu_p, gt - mu_g
     var_p = (xp ** 2).sum(axis=(1, 2))
@@ -36,8 +33,8 @@ def masked_procrustes(pred, gt, visible) -> np.ndarray:
 
     Zeroed joints still count as coincident points at the origin in the means and the SVD (spec D§5.2).
     """
-    pred, gt = _np(pred).astype(np.float64), _np(gt).astype(np.float64)
-    mask = _np(visible).astype(np.float64)[..., None]
+    pred, gt = to_numpy(pred).astype(np.float64), to_numpy(gt).astype(np.float64)
+    mask = to_numpy(visible).astype(np.float64)[..., None]
     p_m, g_m = pred * mask, gt * mask
     mu_p, mu_g = p_m.mean(axis=1, keepdims=True), g_m.mean(axis=1, keepdims=True)
     xp, xg = p_m - mu_p, g_m - mu_g
@@ -52,7 +49,7 @@ def masked_procrustes(pred, gt, visible) -> np.ndarray:
 
 def per_point_error(pred, gt) -> np.ndarray:
     """Euclidean distance per point ``[B, N]``."""
-    return np.linalg.norm(_np(pred).astype(np.float64) - _np(gt).astype(np.float64), axis=-1)
+    return np.linalg.norm(to_numpy(pred).astype(np.float64) - to_numpy(gt).astype(np.float64), axis=-1)
 
 
 def mean_point_error(pred, gt) -> np.ndarray:
@@ -62,13 +59,13 @@ def mean_point_error(pred, gt) -> np.ndarray:
 
 def pelvis_aligned(points, pelvis) -> np.ndarray:
     """``points [B,N,3]`` minus ``pelvis [B,3]``."""
-    return _np(points).astype(np.float64) - _np(pelvis).astype(np.float64)[:, None, :]
+    return to_numpy(points).astype(np.float64) - to_numpy(pelvis).astype(np.float64)[:, None, :]
 
 
 def mpjpe(pred_joints, gt_joints) -> np.ndarray:
     """Pelvis-aligned (joint 0) mean per-joint error ``[B]``."""
-    return mean_point_error(pelvis_aligned(pred_joints, _np(pred_joints)[:, 0]),
-                            pelvis_aligned(gt_joints, _np(gt_joints)[:, 0]))
+    return mean_point_error(pelvis_aligned(pred_joints, to_numpy(pred_joints)[:, 0]),
+                            pelvis_aligned(gt_joints, to_numpy(gt_joints)[:, 0]))
 
 
 def pa_error(pred, gt) -> np.ndarray:
@@ -85,7 +82,7 @@ def stage1_frame_errors(pred_joints, pred_verts, gt_joints, gt_verts) -> dict:
     ``*_joints [B, 24, 3]`` and ``*_verts [B, V, 3]`` are global (PV frame, metres). MPJPE/V2V subtract each body's
     own joint 0; PA-* apply a similarity Procrustes to the pelvis-aligned prediction.
     """
-    pred_pelvis, gt_pelvis = _np(pred_joints)[:, 0], _np(gt_joints)[:, 0]
+    pred_pelvis, gt_pelvis = to_numpy(pred_joints)[:, 0], to_numpy(gt_joints)[:, 0]
     pj, gj = pelvis_aligned(pred_joints, pred_pelvis), pelvis_aligned(gt_joints, gt_pelvis)
     pv, gv = pelvis_aligned(pred_verts, pred_pelvis), pelvis_aligned(gt_verts, gt_pelvis)
     return {

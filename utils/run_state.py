@@ -20,6 +20,7 @@ import contextlib
 import glob
 import os
 import random
+import shutil
 import signal
 from typing import Dict, Iterator, List, Optional
 
@@ -183,12 +184,20 @@ def check_run_dir(run_dir: str, resume: bool, overwrite: bool) -> None:
 
 
 def remove_stale_temp_files(run_dir: str) -> List[str]:
-    """Delete the hidden ``.<name>.*.tmp*`` files an interrupted atomic save left in ``run_dir``."""
+    """Delete what an interrupted atomic save left in ``run_dir``: hidden ``.<name>.<pid>.<random>.tmp`` folders of
+    processes that no longer run (``utils.io.atomic_path``) and hidden ``.<name>.*.tmp`` files of older versions."""
+    from utils.io import _process_alive
     removed = []
     for path in glob.glob(os.path.join(glob.escape(run_dir), '.*.tmp*')):
-        if os.path.isfile(path):
+        if os.path.isdir(path):
+            parts = os.path.basename(path).split('.')
+            pid = parts[-3] if len(parts) >= 4 else ''
+            if pid.isdigit() and _process_alive(int(pid)):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             os.remove(path)
-            removed.append(path)
+        removed.append(path)
     return removed
 
 

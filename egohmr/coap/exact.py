@@ -18,12 +18,11 @@ import torch
 import torch.nn as nn
 
 from egohmr.coap.model import LEVEL_SET
+from utils.tensors import to_numpy
 
 
 def _as_numpy(x, dtype) -> np.ndarray:
-    if torch.is_tensor(x):
-        x = x.detach().cpu().numpy()
-    return np.ascontiguousarray(np.asarray(x, dtype=dtype))
+    return np.ascontiguousarray(to_numpy(x, dtype))
 
 
 def winding_numbers(vertices, faces, points) -> np.ndarray:

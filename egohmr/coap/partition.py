@@ -19,7 +19,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-NUM_SMPL_JOINTS = 24
+from utils.body_model import NUM_SMPL_JOINTS
+from utils.tensors import to_numpy
+
 # Joints merged into their parent, in the order the merges are applied (descending joint index):
 # hands -> wrists, head -> neck, collars -> spine3, toes -> ankles, spine1 -> pelvis.
 MERGED_JOINTS = (23, 22, 15, 14, 13, 11, 10, 3)
@@ -153,8 +155,6 @@ class Partitioner(nn.Module):
 
 def body_model_tables(body_model):
     """``(faces [F,3], lbs_weights [V,24], parents [24])`` as numpy arrays from an smplx-style body model."""
-    def to_numpy(x):
-        return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
     for name in ('faces', 'lbs_weights', 'parents'):
         if not hasattr(body_model, name):
             raise ValueError(f"COAP needs a body model with '{name}' (an smplx SMPL module), "

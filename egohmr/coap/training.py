@@ -44,6 +44,7 @@ from egohmr.coap.model import COAPBodyModel, apply_transform, rigid_inverse
 from egohmr.coap.partition import NUM_PARTS
 from egohmr.coap.sampling import sample_points_on_faces
 from utils.io import load_npz_checked
+from utils.tensors import to_numpy
 
 
 @dataclass
@@ -382,4 +383,4 @@ def cpu_supports_bf16() -> bool:
 
 def _body_faces(body_model) -> np.ndarray:
     faces = body_model.faces_tensor if hasattr(body_model, 'faces_tensor') else body_model.faces
-    return (faces.detach().cpu().numpy() if torch.is_tensor(faces) else np.asarray(faces)).astype(np.int64)
+    return to_numpy(faces, np.int64)
