@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,6 +70,8 @@ def shadow(src: str, dst: str, own=()) -> str:
     for entry in os.listdir(src):
         if entry in first and all(first[entry]):
             shadow(os.path.join(src, entry), os.path.join(dst, entry), first[entry])
+        elif entry in first and os.path.isfile(os.path.join(src, entry)):
+            shutil.copy(os.path.join(src, entry), os.path.join(dst, entry))     # a copy: writing it spares src
         else:
             os.symlink(os.path.join(src, entry), os.path.join(dst, entry))
     return dst
