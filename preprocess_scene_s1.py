@@ -1,4 +1,4 @@
-"""Stage-1 scene preprocessing: the scene points in front of each egocentric camera (spec D§3.1).
+"""Stage-1 scene preprocessing: the scene points in front of each egocentric camera.
 
 For one split, every 15th frame and the first frame of each recording run get a crop: the scene-mesh vertices
 with z > 0 in that frame's PV camera, decimated to ``--scene_verts_num_target`` points and stored in the

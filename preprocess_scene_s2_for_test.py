@@ -1,4 +1,4 @@
-"""Stage-2 scene preprocessing for testing: a 2x2 m scene prism around each stage-1 translation (spec D§3.3).
+"""Stage-2 scene preprocessing for testing: a 2x2 m scene prism around each stage-1 translation.
 
 Like ``preprocess_scene_s2_for_train.py``, but the prism is centred on the stage-1 prediction
 ``results.pkl['pred_cam_full_list'][i]`` (the SMPL translation in the PV frame, one row per frame of the split in

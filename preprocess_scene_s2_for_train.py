@@ -1,4 +1,4 @@
-"""Stage-2 scene preprocessing for training: a 2x2 m scene prism around each ground-truth body (spec D§3.2).
+"""Stage-2 scene preprocessing for training: a 2x2 m scene prism around each ground-truth body.
 
 For every frame of the split, the GT body (gender-specific SMPL with the npz ``shape``, ``pose``,
 ``global_orient_pv``, ``transl_pv``) is mapped to the scene frame; a prism with a ``--cube_size`` square footprint,

@@ -1,4 +1,4 @@
-"""Evaluate a stage-2 (EgoHMR) checkpoint on the EgoBody test split (spec D§5.2, D§6.7, models.md §6).
+"""Evaluate a stage-2 (EgoHMR) checkpoint on the EgoBody test split; metrics, flags and defaults as the original.
 
 Prints the original's metric lines (G-MPJPE, MPJPE, PA-MPJPE, V2V as all/vis/invis; collision and contact ratios;
 min-of-N invisible MPJPE; std/APD diversity) plus corrected variants, and writes them to

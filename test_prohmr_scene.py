@@ -1,4 +1,4 @@
-"""Evaluate a stage-1 (ProHMR-scene) checkpoint on the EgoBody test split (spec D§5.1, D§6.6).
+"""Evaluate a stage-1 (ProHMR-scene) checkpoint on the EgoBody test split; metrics, flags and defaults as the original.
 
 Prints G-MPJPE, MPJPE, PA-MPJPE, G-V2V, V2V, PA-V2V (mm, mode sample, 24 joints), saves them to
 ``<save_root>/output_prohmr_scene_<id>/metrics.json`` and, with ``--save_pred_transl``, the mode translations to

@@ -1,4 +1,4 @@
-"""Train stage 2 (EgoHMR pose diffusion) on EgoBody. Flags and defaults follow the original script (spec D§6.5).
+"""Train stage 2 (EgoHMR pose diffusion) on EgoBody. Flags and defaults follow the original script.
 
 The run folder ``<save_dir>/<run_id>`` receives ``preprocess_stats/preprocess_stats.npz`` (from the train split),
 ``best_model_vis.pt``, ``last_model.pt``, TensorBoard events, ``params.json`` and a copy of the model config.

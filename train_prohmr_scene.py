@@ -1,4 +1,4 @@
-"""Train stage 1 (ProHMR-scene) on EgoBody. Flags and defaults follow the original script (spec D§6.4).
+"""Train stage 1 (ProHMR-scene) on EgoBody. Flags and defaults follow the original script.
 
 Example (synthetic world, CPU, a couple of minutes):
     python train_prohmr_scene.py --dataset_root demo/egobody --data_dir demo/data --load_pretrained False \

@@ -1,4 +1,4 @@
-"""Image crop and train-time augmentation of one EgoBody example (spec D§2.4-§2.5, D§7.10).
+"""Image crop and train-time augmentation of one EgoBody example, as in the original ``DatasetEgobody``.
 
 One augmentation is described by :class:`AugParams` (box scale, in-plane rotation, horizontal flip, colour gains,
 box shift). :func:`sample_aug_params` draws it from a single ``np.random.Generator``; :func:`augment_example`
@@ -13,7 +13,7 @@ Conventions
 * The image-space rotation by ``rot`` corresponds to the 3D rotation ``R_z(-rot)`` about an axis parallel to the
   camera z axis; flipping is the reflection ``x -> -x`` (plus left/right joint swaps).
 
-Numbers kept from the original on purpose (parity, D§7.10): the vertical crop-camera offset divides by ``fx``
+Numbers kept from the original on purpose (parity, though odd): the vertical crop-camera offset divides by ``fx``
 (not ``fy``), the flipped principal point is ``W - cx`` (no ``-1``; ``W`` = 1920 on EgoBody), the crop-camera
 depth is ``s_aug * B / 224 * tz``, and keypoint confidences are never zeroed.
 """
@@ -43,7 +43,7 @@ NO_AUGMENTATION = AugParams()
 
 
 def sample_aug_params(rng: np.random.Generator, aug_cfg) -> AugParams:
-    """Draw :class:`AugParams` from ``rng`` with the ``DATASETS.CONFIG`` factors (spec D§2.5).
+    """Draw :class:`AugParams` from ``rng`` with the ``DATASETS.CONFIG`` factors, sampled as the original does.
 
     Every call consumes the same number of random values whatever the outcome, so a seeded stream stays aligned.
     """
@@ -160,7 +160,7 @@ def rotate_global_orient(global_orient: np.ndarray, rot: float) -> np.ndarray:
 
 def crop_camera_translation(transl: np.ndarray, box_center: Sequence[float], cam_center: Sequence[float],
                             fx: float, box_size: float, out_size: int) -> np.ndarray:
-    """SMPL translation expressed in the intermediate "crop camera" (spec D§2.5 item 2).
+    """SMPL translation expressed in the intermediate "crop camera" (the original's 3D augmentation works in it).
 
     ``delta = (box_center - cam_center) * tz / fx`` (``fx`` for both axes, as the original), depth
     ``box_size / out_size * tz`` where ``box_size`` already includes the scale augmentation.
@@ -204,7 +204,7 @@ def augment_example(image_bgr: np.ndarray, center: Sequence[float], box_size: fl
                     image_size: int = 224, image_mean: Sequence[float] = (0.485, 0.456, 0.406),
                     image_std: Sequence[float] = (0.229, 0.224, 0.225),
                     pelvis_at_rest: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> Dict:
-    """Crop and augment one example (spec D§2.4-§2.5).
+    """Crop and augment one example as the original dataset does.
 
     Args:
         image_bgr: full image ``[H, W, 3]`` uint8 as read by cv2.

@@ -1,4 +1,4 @@
-"""Normalisation statistics of the stage-2 diffusion variable (spec D§4.3, manifests §3).
+"""Normalisation statistics of the stage-2 diffusion variable (the original's ``preprocess_stats.npz``).
 
 The diffused variable is the 24-joint full pose (global orientation in the PV frame, then the 23 body joints) as
 6D rotations in the ``'diffusion'`` layout, 144 values per frame. ``Xmean`` is its per-dimension mean over the

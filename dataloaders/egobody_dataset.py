@@ -1,4 +1,4 @@
-"""The EgoBody dataset: image crop, keypoints, SMPL annotation and scene points per frame (spec D§4.1).
+"""The EgoBody dataset: image crop, keypoints, SMPL annotation and scene points per frame.
 
 Everything that does not change per item is read once in the constructor: the annotation npz, the
 transformation pkl (turned into per-frame matrices), the stage-1 scene pickles or the per-recording
@@ -68,7 +68,7 @@ class EgoBodyDataset(Dataset):
         data_dir: folder with ``smpl/smpl/SMPL_{MALE,FEMALE}.pkl`` (only read when ``do_augment``).
         spacing: keep every ``spacing``-th frame.
         add_scale: box side = ``scale * add_scale * 200`` pixels.
-        do_augment: random crop/flip/rotation/colour augmentation (spec D§2.5).
+        do_augment: random crop/flip/rotation/colour augmentation (``dataloaders.augmentation``).
         scene_type: ``'whole_scene'`` (stage-1 pickles) or ``'cube'`` (stage-2 per-frame crops).
         scene_crop_by_stage1_transl: cube mode reads the ``from_pred`` crops instead of ``from_gt``.
         load_stage1_transl / stage1_result_path: add ``stage1_transl_full`` from a stage-1 ``results.pkl``.
@@ -279,7 +279,7 @@ class EgoBodyDataset(Dataset):
         return self.get_item(index, params)
 
     def get_item(self, index: int, params: AugParams = NO_AUGMENTATION) -> Dict:
-        """Item ``index`` with the given augmentation (spec D§4.1 keys).
+        """Item ``index`` with the given augmentation (the keys of the original's ``__getitem__``).
 
         ``transl`` is re-derived from the augmented pelvis whenever the dataset was built with ``do_augment``.
         """

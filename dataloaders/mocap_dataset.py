@@ -1,4 +1,4 @@
-"""CMU MoCap poses: the "real" samples of the stage-1 pose/shape discriminator (spec D§4.2)."""
+"""CMU MoCap poses: the "real" samples of the stage-1 pose/shape discriminator (the original ``MoCapDataset``)."""
 from __future__ import annotations
 
 from typing import Dict

@@ -1,4 +1,4 @@
-"""Scene point-cloud preprocessing shared by the three ``preprocess_scene_*.py`` scripts (spec D§3).
+"""Scene point-cloud preprocessing shared by the three ``preprocess_scene_*.py`` scripts.
 
 Every crop is a *vertex decimation* of the scene mesh in vertex-index order (not surface sampling): the vertices
 that pass a crop test are kept in file order, then every k-th one is taken with ``k = floor(n / target)`` and the
@@ -10,7 +10,7 @@ first ``target`` are stored (:func:`decimate_every_kth`).
   vertical (y) axis through a centre and shifted in the yawed frame, keeping points up to ``cube_size`` above the
   lowest selected point; stored in the scene-mesh frame.
 
-Differences from the original scripts (spec "Decisions"): crops with fewer points than the target are padded by
+Differences from the original scripts (also in the README): crops with fewer points than the target are padded by
 repetition with a logged warning instead of crashing or ending the run; the yaw and shift come from a generator
 seeded by ``(seed, frame index)`` (:func:`frame_rng`), so reruns and partial reruns give identical files.
 """
@@ -182,7 +182,7 @@ def yawed_offsets(points: np.ndarray, centre: np.ndarray, theta: float) -> Tuple
 
 def cube_shift_bounds(body_points: np.ndarray, centre: np.ndarray, theta: float,
                       cube_size: float = CUBE_SIZE) -> Tuple[Tuple[float, float], Tuple[float, float]]:
-    """Allowed (low, high) of the footprint shift along the yawed x and z axes (spec D§3.2 step 5).
+    """Allowed (low, high) of the footprint shift along the yawed x and z axes (as the original train script draws it).
 
     Each shift lies within ``±cube_size / 4`` and keeps the yawed body extent inside the footprint:
     ``low = max(-cube/4, (max_body - c) - cube/2)``, ``high = min(cube/4, cube/2 - (c - min_body))``.
@@ -326,7 +326,7 @@ class Summary:
 
 def base_parser(description: str, split_default: str, save_folder: str,
                 uses_body_model: bool) -> argparse.ArgumentParser:
-    """The flags all three scripts share (original names and defaults, spec D§6.1-6.3)."""
+    """The flags all three scripts share (the original scripts' names and defaults)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--scene_verts_num_target', type=int, default=SCENE_VERTS_NUM_TARGET,
                         help='number of scene points stored per crop (every-k-th-vertex decimation)')

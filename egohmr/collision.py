@@ -23,7 +23,7 @@ from utils.geometry import rotmat_to_aa
 
 OCCUPANCY_LEVEL = 0.5
 # Training loss: with more than this many points in the body box, only those among the first 4000 stored points are
-# kept (spec §5.5 / quirk 10; reproduced for parity).
+# kept (the original's indexing, not "keep 4000 of them"; reproduced for parity).
 TRAIN_POINT_CAP = 4000
 COLLISION_MODELS = ('coap', 'exact')
 # Seed of COAP's surface samples in the collision metric and the guidance gradient (see collision_ratio).
@@ -48,7 +48,7 @@ def points_in_body_box(points: torch.Tensor, vertices: torch.Tensor) -> torch.Te
 
 def box_mask_with_cap(points: torch.Tensor, vertices: torch.Tensor, max_point_index: Optional[int]) -> torch.Tensor:
     """:func:`points_in_body_box`, then, if more than ``max_point_index`` points qualify, drop every index
-    ``>= max_point_index`` of the stored array (not "keep 4000 of the qualifying points"; spec quirk 10)."""
+    ``>= max_point_index`` of the stored array (not "keep 4000 of the qualifying points"; as the original)."""
     mask = points_in_body_box(points, vertices)
     if max_point_index is not None and int(mask.sum()) > max_point_index:
         mask[max_point_index:] = False
@@ -82,7 +82,7 @@ def per_body_losses(occupancy_model, scene_points: torch.Tensor, body: SMPLOutpu
 
 def penetration_loss(occupancy_model, scene_points, vertices, joints, rotmats,
                      max_point_index: Optional[int] = TRAIN_POINT_CAP) -> torch.Tensor:
-    """Training penetration loss per sample ``[B]`` (spec §5.5); the caller takes the mean."""
+    """Training penetration loss per sample ``[B]`` (as the original); the caller takes the mean."""
     return per_body_losses(occupancy_model, scene_points, body_for_occupancy(vertices, joints, rotmats),
                            max_point_index)
 
@@ -102,9 +102,9 @@ def seeded_rng(seed: Optional[int], device: torch.device):
 @torch.no_grad()
 def collision_ratio(occupancy_model, scene_points, vertices, joints, rotmats,
                     seed: Optional[int] = COAP_SAMPLE_SEED) -> np.ndarray:
-    """``#(occupancy > 0.5) / P`` per body ``[B]`` (P = all scene points of that frame; spec §5.6, D§5.2).
+    """``#(occupancy > 0.5) / P`` per body ``[B]`` (P = all scene points of that frame, as the original's metric).
 
-    COAP encodes a body from random surface samples (spec quirk 9), so the original's metric is itself random and
+    COAP encodes a body from new random surface samples on each call, so the original's metric is itself random and
     advances the global RNG. Here its samples come from ``seed`` in a forked RNG (None: the global stream, as the
     original), so two runs that differ only in guidance score the same body alike.
     """

@@ -1,4 +1,4 @@
-"""Small encoders of the stage-2 denoiser: timestep, noisy pose, translation and the betas head (spec §2.2).
+"""Small encoders of the stage-2 denoiser: timestep, noisy pose, translation and the betas head.
 
 Parameter names follow the released checkpoints (``embed_timestep.time_embed.{0,2}``, ``input_process.poseEmbedding``,
 ``transl_enc.layers.{0,2}``, ``beta_layer.layers.{0,2}`` + ``beta_layer.init_betas``).

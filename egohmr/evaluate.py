@@ -1,4 +1,4 @@
-"""Stage-2 sampling and test metrics (spec models.md §6, data_and_evaluation.md §5.2).
+"""Stage-2 sampling and test metrics (as the original ``test_egohmr.py``).
 
 Sampling: the image and scene encoders run once per batch (:meth:`EgoHMR.sampling_condition`); the condition, camera
 and a ``[S*bs, 144]`` noise tensor then go through ONE reverse chain per chunk of samples. Row ``s*bs + i`` is sample
@@ -345,11 +345,11 @@ def evaluate(model, diffusion, loader, device, num_samples: int = 1, method: str
              occupancy_model=None, eval_contact: bool = True, eval_with_vis_mask_pa: bool = True,
              samples_per_chain: Optional[int] = None, log_freq: int = 100, on_batch: Optional[Callable] = None,
              progress: bool = True, log=print, guide_final_step: bool = False) -> Dict:
-    """The stage-2 test loop (spec models.md §6).
+    """The stage-2 test loop (the original's procedure).
 
     With ``two_stage`` the model's input translation is the stage-1 one (``batch['stage1_transl_full']``); the GT
     translation is kept for the metrics. Returns ``summary`` (see :meth:`Stage2Metrics.summary`) and ``results``
-    (the arrays of the results pickle, spec D§5.2).
+    (the arrays of the results pickle).
     ``on_batch(step, batch, samples, gt)`` is called after every batch (renders, viewers).
     """
     from tqdm import tqdm

@@ -1,4 +1,4 @@
-"""Modulated graph convolution network over the 24 SMPL joints (the stage-2 denoiser, spec models.md §2.4).
+"""Modulated graph convolution network over the 24 SMPL joints (the stage-2 denoiser, EgoHMR's ``ModulatedGCN``).
 
 Parameter names follow the released checkpoints: ``gconv_input.0.{gconv,bn}``, ``gconv_layers.k.gconv{1,2}.{gconv,bn}``
 and ``gconv_output``; every graph convolution holds ``W [2,in,out]``, ``M [24,out]``, ``adj2 [24,24]`` and ``bias``.

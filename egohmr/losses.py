@@ -1,4 +1,4 @@
-"""Stage-2 training losses (spec models.md §2.6), all computed on the single-step x0 prediction decoded to SMPL.
+"""Stage-2 training losses, all computed on the single-step x0 prediction decoded to SMPL.
 
 There is no loss in diffusion space. Each term function returns a scalar; :func:`compute_losses` weighs them with the
 model's ``loss_weights`` and, in eval mode, also sums the visible-joint errors used for model selection.
@@ -14,7 +14,7 @@ from egohmr.visibility import in_image_mask
 from utils.body_model import NUM_SMPL_JOINTS, SMPL_TO_OPENPOSE
 from utils.geometry import aa_to_rotmat
 
-# The train_egohmr.py defaults (spec D§6.5).
+# The original train_egohmr.py defaults.
 DEFAULT_LOSS_WEIGHTS = dict(v2v=0.5, keypoints_3d=0.05, keypoints_3d_full=0.02, keypoints_2d_full=0.01,
                             betas=0.0005, body_pose=0.001, global_orient=0.001, pose_6d_ortho=0.1,
                             coap_penetration=0.0002)

@@ -1,4 +1,4 @@
-"""EgoHMR stage 2: a pose-diffusion denoiser conditioned on image, scene, translation and camera (spec models.md §2).
+"""EgoHMR stage 2: a pose-diffusion denoiser conditioned on image, scene, translation and camera.
 
 ``model(batch, timesteps) -> dict`` predicts the clean normalised 144-d pose ``pred_x_start`` from
 ``batch['x_t']`` and decodes it to SMPL. Submodule names and registration order give the state_dict of
@@ -32,7 +32,7 @@ BODY_REP_DIM = 6 * NUM_SMPL_JOINTS   # 144
 IMG_FEAT_DIM = 2048
 TRANSL_FEAT_DIM = 128
 POSE_EMBED_DIM = 512
-FULL_IMAGE_SIZE = (1920.0, 1080.0)   # hard-coded normalisation of full-image 2D keypoints (spec §7 quirk 26)
+FULL_IMAGE_SIZE = (1920.0, 1080.0)   # the original normalises full-image 2D keypoints by these, not the real size
 DEFAULT_CENTER = (960.0, 540.0)
 
 
@@ -68,9 +68,9 @@ class EgoHMR(nn.Module):
             length the projection uses f = ``EXTRA.FOCAL_LENGTH`` and centre (960, 540) (the original crashes).
         scene_feat_dim: scene code size (512). scene_type: recorded only ('cube' in stage 2).
         scene_cano: encode ``scene - transl`` (True) instead of the raw PV-frame points.
-        weight_*: loss weights (0 = off; the training script passes the spec defaults).
+        weight_*: loss weights (0 = off; the training script passes the original's defaults).
         start_coap_epoch: first (0-based) epoch of the COAP penetration loss.
-        cond_mask_prob / only_mask_img_cond: training-time condition dropout (spec §2.5).
+        cond_mask_prob / only_mask_img_cond: training-time condition dropout (see ``mask_cond``).
         pelvis_vis_loosen: use the loosened (test) OpenPose->SMPL visibility map.
         diffuse_fuse: at eval, run the scene-only pass too and keep the image-conditioned output at visible joints.
         with_coap: attach COAP as ``smpl.coap`` (frozen). None = when ``egohmr.coap`` exists.
@@ -275,7 +275,7 @@ class EgoHMR(nn.Module):
         return torch.cat([img, shared[:, None, :].expand(-1, NUM_SMPL_JOINTS, -1)], dim=-1)
 
     def mask_cond(self, cond: torch.Tensor, force_mask: bool = False) -> torch.Tensor:
-        """Condition dropout (spec §2.5).
+        """Condition dropout, as the original's ``mask_cond``.
 
         ``force_mask``: zero the image dims of every sample (or everything without ``only_mask_img_cond``).
         Training with ``cond_mask_prob > 0``: the same for a Bernoulli(``cond_mask_prob``) subset of samples.
@@ -329,7 +329,7 @@ class EgoHMR(nn.Module):
         return self(batch, timesteps, x_t=x_t)
 
     def _fused_prediction(self, joint_cond, x_feat, t_feat, vis_mask) -> torch.Tensor:
-        """diffuse_fuse (spec §4): scene-only output, with the image-conditioned output at visible joints.
+        """diffuse_fuse (eval only): scene-only output, with the image-conditioned output at visible joints.
 
         Both passes go through the GCN as one batch (BatchNorm uses running statistics in eval mode, so this equals
         two separate calls).
@@ -387,7 +387,7 @@ class EgoHMR(nn.Module):
                 torch.where(is_female, female.joints, male.joints))
 
     def compute_loss(self, batch, output: Dict, cur_epoch: int = 0) -> torch.Tensor:
-        """Weighted sum of the stage-2 losses (spec §2.6); fills ``output['losses']`` (detached terms).
+        """Weighted sum of the stage-2 losses (the original's); fills ``output['losses']`` (detached terms).
 
         In eval mode it also fills ``losses['loss_keypoints_3d_vis_batch_sum']`` and ``output['joint_vis_num_batch']``.
         """

@@ -1,4 +1,4 @@
-"""Stage-2 training loop (spec models.md §2.7), as functions; ``train_egohmr.py`` only parses flags.
+"""Stage-2 training loop (the original's), as functions; ``train_egohmr.py`` only parses flags.
 
 Per iteration: draw ``t`` uniformly (numpy's global RNG), noise the normalised GT pose to ``x_t``, predict x0 in one
 step (condition dropout active), SMPL-space losses, AdamW step. Every ``val_step`` iterations the val split is
@@ -47,7 +47,7 @@ def weight_flag(term: str) -> str:
 
 
 def build_model(args, cfg, x_mean, x_std, device) -> EgoHMR:
-    """The training-configured network (spec D§6.5 flags), optionally with the ProHMR image encoder."""
+    """The training-configured network (original flags), optionally with the ProHMR image encoder."""
     weights = {weight_flag(k): getattr(args, weight_flag(k)) for k in DEFAULT_LOSS_WEIGHTS}
     model = EgoHMR(cfg, data_dir=args.data_dir, body_rep_mean=x_mean, body_rep_std=x_std,
                    with_focal_length=args.with_focal_length, with_bbox_info=args.with_bbox_info,

@@ -1,4 +1,4 @@
-"""The two per-joint visibility notions of stage 2 (spec D§2.6).
+"""The two per-joint visibility notions of stage 2 (both as in the original).
 
 * conditioning visibility (:func:`smpl_joint_visibility`): from OpenPose detection confidences, mapped to the 24 SMPL
   joints; it masks the per-joint image feature and, at test, selects the image-conditioned output in diffuse_fuse;

@@ -1,4 +1,4 @@
-"""Stage-2 test renders and open3d snapshots (spec D§5.3), built on the stage-1 helpers in ``prohmr_scene.visualize``.
+"""Stage-2 test renders and open3d snapshots, built on the stage-1 helpers in ``prohmr_scene.visualize``.
 
 A render shows batch item 0 every ``render_step`` batches: one row ``[input + box | overlay | body in the scene]`` per
 shown sample (all samples with ``--render_multi_sample``), stacked and halved, written as

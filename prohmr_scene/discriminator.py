@@ -1,4 +1,4 @@
-"""HMR-style pose and shape discriminator (spec models.md §1.8), used only during stage-1 training."""
+"""HMR-style pose and shape discriminator, used only during stage-1 training."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Stage-1 test loop and metric accumulation (spec models.md §1.12, D§5.1).
+"""Stage-1 test loop and metric accumulation (as the original ``test_prohmr_scene.py``).
 
 Metrics use the mode sample (index 0) only: the neutral-SMPL joints (24) and vertices plus the full-image
 translation of the mode's crop camera, against the gender-matched GT SMPL (with GT translation).

@@ -1,4 +1,4 @@
-"""Conditional Glow normalising flow over the 144-d 6D body pose (spec models.md §1.4).
+"""Conditional Glow normalising flow over the 144-d 6D body pose (ProHMR's, from its nflows fork).
 
 The module tree reproduces the parameter names of the ``nflows`` fork used by ProHMR/EgoHMR, so released
 checkpoints load without renaming::

@@ -2,7 +2,7 @@
 
 ``SMPLFlowHead.flow`` is the conditional Glow over the 144-d 6D pose (ProHMR layout, joint 0 = global
 orientation); ``SMPLFlowHead.fc_head`` predicts betas and the weak-perspective crop camera ``(s, tx, ty)`` as
-offsets from the SMPL mean parameters. Both read the same context vector (spec models.md §1.4-§1.6).
+offsets from the SMPL mean parameters. Both read the same context vector.
 """
 from __future__ import annotations
 

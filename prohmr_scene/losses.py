@@ -1,4 +1,4 @@
-"""Stage-1 loss terms (spec models.md §1.9). Every per-sample term has shape ``[B, S]``; sample 0 is the mode.
+"""Stage-1 loss terms (the original's). Every per-sample term has shape ``[B, S]``; sample 0 is the mode.
 
 "mode" = sample 0 summed over the batch / B; "exp" = samples 1.. summed / (B (S-1)), 0 when S = 1.
 """

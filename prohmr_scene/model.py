@@ -1,4 +1,4 @@
-"""ProHMR-scene: the stage-1 network (spec models.md §1).
+"""ProHMR-scene: the stage-1 network (ProHMR with a scene encoder, as EgoHMR's).
 
 image --ResNet-50--> 2048 ┐
 scene points --ResNet-PointNet--> 512 ├─ context (2566) ─┬─ conditional Glow --> 144-d 6D pose (S samples, mode first)

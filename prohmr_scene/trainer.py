@@ -1,4 +1,4 @@
-"""Stage-1 training loop (spec models.md §1.10), as functions; ``train_prohmr_scene.py`` only parses flags.
+"""Stage-1 training loop (the original's), as functions; ``train_prohmr_scene.py`` only parses flags.
 
 Per iteration: EgoBody batch -> ``forward_step(train=True)`` -> losses + generator adversarial term -> AdamW
 step of backbone/flow/scene encoder -> discriminator step on the detached predictions vs a MoCap batch.
@@ -117,7 +117,7 @@ def train_step(model: ProHMRScene, batch: Dict, mocap_batch: Dict, optimizer, op
 def validate(model: ProHMRScene, loader, device) -> Dict[str, float]:
     """Mean of the per-batch loss dicts over the loader (eval mode, ``NUM_TEST_SAMPLES`` samples).
 
-    The original divides the sum by (#batches - 1); we divide by #batches (spec D§7.13, fixed).
+    The original divides the sum by (#batches - 1); we divide by #batches (an off-by-one, fixed).
     """
     model.eval()
     sums, count = defaultdict(float), 0

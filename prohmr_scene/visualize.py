@@ -1,7 +1,7 @@
-"""Stage-1 test renders and the open3d viewer (spec D§5.3). Headless; renderers and open3d import lazily.
+"""Stage-1 test renders and the open3d viewer. Headless; renderers and open3d import lazily.
 
 A render of one frame stacks one row per shown sample: ``[input + green box | body overlay | body in the scene
-seen from the master Kinect]``, then halves the size. Fixes of the original (spec Decisions, D§7.15): the
+seen from the master Kinect]``, then halves the size. Fixes of the original: the
 overlay uses the render's depth as the mask (not the red channel), and the Kinect-frame scene mesh is cached per
 recording (not rebuilt only on the first visit).
 """
@@ -194,7 +194,7 @@ def _to_np(x) -> np.ndarray:
 
 def make_render_hook(dataset_root: str, faces: np.ndarray, output_dir: str, render_step: int = 8,
                      num_samples: int = 1, log=print):
-    """``on_batch`` callback writing a JPG of batch item 0 every ``render_step`` batches (D§5.3)."""
+    """``on_batch`` callback writing a JPG of batch item 0 every ``render_step`` batches."""
     ctx = RenderContext(dataset_root)
 
     def hook(step, batch, output, pred, gt):

@@ -1,14 +1,14 @@
 """Synthetic EgoBody-format world: recordings of one SMPL body seen from a moving egocentric camera.
 
 :func:`make_world` writes ``<out>/data`` (synthetic SMPL files, mean parameters, MoCap poses) and
-``<out>/egobody`` in the EgoBody release layout read by the dataset and the preprocessing (spec D§1):
+``<out>/egobody`` in the EgoBody release layout read by the dataset and the preprocessing:
 ``data_info_release.csv``, ``data_splits.csv``, ``transf_matrices_all_seqs.pkl``, ``calibrations/``,
 ``kinect_cam_params/``, ``scene_mesh/``, ``egocentric_color/`` (rendered PV jpgs and ``<date>_pv.txt``) and
 ``annotation_egocentric_smpl_npz/egocapture_{train,val,test}_smpl.npz``.
 
 Generation happens in the scene frame (y up): the body is posed on the floor or on a seat, the camera wearer's
 HoloLens looks at it from 1-3 m. Each recording then gets a random master-Kinect pose in the scene and a random
-HoloLens world frame, and the per-frame ``trans_world2pv`` is solved from the chain of spec D§2.2 so that
+HoloLens world frame, and the per-frame ``trans_world2pv`` is solved from the original's scene -> PV chain so that
 ``ADD_TRANS @ world2pv @ kinect2holo @ inv(kinect2scene)`` is exactly the chosen scene -> PV(OpenCV) transform.
 SMPL parameters in PV follow from the scene-frame ones: SMPL rotates about the pelvis rest joint ``J0(betas)``, so
 ``R_pv = R_s2pv R_scene`` and ``transl_pv = R_s2pv (transl_s + J0) + t_s2pv - J0``.
@@ -386,9 +386,9 @@ def plan_camera(room: Room, rng: np.random.Generator, body: BodyTrack, size: Tup
 
 def cube_crop_min_count(scene_vertices: np.ndarray, body_verts: np.ndarray, size: float = 2.0,
                         yaws: int = 4) -> int:
-    """Fewest scene vertices a stage-2 crop around this body can keep (spec D§3.2): a ``size`` x ``size`` square
-    about the body's vertex centroid, turned by one of ``yaws`` angles and shifted to the extremes the script allows,
-    holding the points up to 2 m above its lowest one."""
+    """Fewest scene vertices a stage-2 crop of ``preprocess_scene_s2_for_train.py`` around this body can keep: a
+    ``size`` x ``size`` square about the body's vertex centroid, turned by one of ``yaws`` angles and shifted to the
+    extremes the script allows, holding the points up to 2 m above its lowest one."""
     center = body_verts.mean(axis=0)
     near = scene_vertices[np.linalg.norm((scene_vertices - center)[:, [0, 2]], axis=1) <= size * 0.75 + size / 4 + 0.05]
     fewest = len(scene_vertices)
@@ -443,7 +443,7 @@ def pv_smpl_params(rot_scene: np.ndarray, transl_scene: np.ndarray, scene_to_pv:
 
 
 def annotate(rec: Recording, models: BodyModels, size: Tuple[int, int], rng: np.random.Generator) -> None:
-    """Fill ``rec.annotation`` with the spec D§1.3 npz fields of every frame (checking the PV SMPL parameters)."""
+    """Fill ``rec.annotation`` with the EgoBody npz fields of every frame (checking the PV SMPL parameters)."""
     body, cam = rec.body, rec.camera
     n = len(rec.timestamps)
     j0 = models.rest_pelvis(body.gender, body.betas)

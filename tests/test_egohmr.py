@@ -77,7 +77,7 @@ def test_state_dict_matches_manifest(model):
     assert sum(p.numel() for p in model.trainable_parameters()) == 52920544
 
 
-def test_adjacency_matches_spec():
+def test_adjacency_matches_original():
     adj = smpl_adjacency()
     assert torch.all(adj.diagonal() == 1)
     np.testing.assert_allclose(adj[0, [1, 2, 3]], [1 / 3] * 3)

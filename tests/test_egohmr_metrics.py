@@ -1,4 +1,4 @@
-"""Stage-2 test metrics (spec D§5.2): definitions of the original plus the corrected variants."""
+"""Stage-2 test metrics: definitions of the original plus the corrected variants."""
 from __future__ import annotations
 
 import math

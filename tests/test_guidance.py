@@ -106,7 +106,7 @@ def test_guidance_lowers_the_mean_collision_ratio(lowered_test_batch):
 
 def test_final_guided_step_is_discarded_by_default_and_kept_on_request(lowered_test_batch):
     """With a denoiser that ignores x_t only the last step's guided update can reach the output: the original
-    discards it (spec quirk 7: guided poses equal unguided ones), ``guide_final_step`` keeps it."""
+    discards it (it returns the unguided x0: guided poses equal unguided ones), ``guide_final_step`` keeps it."""
     unguided = guided_samples(lowered_test_batch, 0.0, InputIgnoringDenoiser)
     discarded = guided_samples(lowered_test_batch, 2.0, InputIgnoringDenoiser)
     assert torch.equal(discarded['rotmats'], unguided['rotmats'])

@@ -128,7 +128,7 @@ def test_actnorm_data_initialisation_on_first_train_batch(body_model_dir):
     batch = random_batch(bs=3)
     fresh.eval()
     with torch.no_grad():
-        fresh.forward_step(batch)        # eval: sets the top-level flag only (the original's quirk)
+        fresh.forward_step(batch)        # eval: sets the top-level flag only, as the original
     assert bool(fresh.initialized) and not any(bool(a.initialized) for a in fresh.flow.flow.actnorms())
     fresh.initialized.fill_(False)
     fresh.train()

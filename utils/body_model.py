@@ -27,7 +27,7 @@ SMPL_EDGES = [(p, c) for c, p in enumerate(SMPL_PARENTS) if p >= 0]
 
 # smplx's 45-joint SMPL output (24 + nose, eyes, ears, feet, finger tips) -> OpenPose BODY_25.
 SMPL_TO_OPENPOSE = [24, 12, 17, 19, 21, 16, 18, 20, 0, 2, 5, 8, 1, 4, 7, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34]
-# For each SMPL joint, the OpenPose joint whose detection decides its visibility (spec models.md §2.3).
+# For each SMPL joint, the OpenPose joint whose detection decides its visibility (EgoHMR's ``openpose_to_smpl``).
 OPENPOSE_TO_SMPL_TRAIN = [8, 12, 9, 8, 13, 10, 8, 14, 11, 8, 14, 11, 0, 5, 2, 0, 5, 2, 6, 3, 7, 4, 7, 4]
 OPENPOSE_TO_SMPL_TEST = [8, 13, 10, 8, 13, 10, 8, 14, 11, 8, 14, 11, 1, 5, 2, 0, 5, 2, 6, 3, 7, 4, 7, 4]
 OPENPOSE_MIDHIP = 8

@@ -1,4 +1,4 @@
-"""EgoBody dataset layout: folder names, image-name parsing and the coordinate-frame chain (spec D§1-§2).
+"""EgoBody dataset layout: folder names, image-name parsing and the coordinate-frame chain.
 
 Frames: scene mesh (y up) --T_s2k--> master Kinect --kinect2holo--> HoloLens world --holo2pv--> PV (OpenGL)
 --ADD_TRANS--> PV (OpenCV). All 4x4 matrices act on column vectors; apply them to row-vector points with
@@ -26,7 +26,7 @@ DATA_INFO_CSV = 'data_info_release.csv'
 TRANSF_PKL = 'transf_matrices_all_seqs.pkl'
 KINECT_COLOR_JSON = os.path.join('kinect_cam_params', 'kinect_master', 'Color.json')
 
-# npz keys and their per-frame shapes (None = any length); see spec D§1.3.
+# npz keys and their per-frame shapes (None = any length), as in the EgoBody release.
 NPZ_KEYS = ('imgname', 'center', 'scale', 'valid_keypoints', '3d_joints_pv', 'pose', 'shape',
             'global_orient_pv', 'transl_pv', 'gender', 'fx', 'fy', 'cx', 'cy')
 NPZ_SHAPES = {'center': (None, 2), 'scale': (None,), 'valid_keypoints': (None, 25, 3),

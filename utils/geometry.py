@@ -4,7 +4,7 @@ Conventions
 -----------
 * Rotation matrices act on column vectors; points are stored as rows, so a rigid transform
   ``T = [R | t]`` maps points with ``p' = p @ R.T + t`` (the semantics of open3d's ``transform``).
-* Two 6D rotation layouts exist (spec models.md, header). Both keep the first two *columns*
+* Two 6D rotation layouts exist (checkpoints of each stage are tied to theirs). Both keep the first two *columns*
   ``c1 = R[:, 0]`` and ``c2 = R[:, 1]`` of ``R``:
 
   ``'prohmr'``     ``[R00, R10, R20, R01, R11, R21]`` = ``[c1, c2]`` (stage 1 flow)
@@ -130,7 +130,7 @@ def convert_pare_to_full_img_cam(pare_cam: torch.Tensor, bbox_height: torch.Tens
                                  focal_length: torch.Tensor) -> torch.Tensor:
     """Weak-perspective crop camera ``(s, tx, ty)`` -> translation in the full-image camera frame.
 
-    ``tz = 2f/(s b)``, ``X = tx + 2(bcx - W/2)/(s b)``, ``Y = ty + 2(bcy - H/2)/(s b)`` (spec D§2.3); callers pass
+    ``tz = 2f/(s b)``, ``X = tx + 2(bcx - W/2)/(s b)``, ``Y = ty + 2(bcy - H/2)/(s b)`` (as the original); callers pass
     ``W = 2 cam_cx`` and ``H = 2 cam_cy`` so the offset is taken from the principal point.
     """
     s, tx, ty = pare_cam[:, 0], pare_cam[:, 1], pare_cam[:, 2]

@@ -1,4 +1,4 @@
-"""Pose/mesh error metrics, defined exactly as the original evaluation code computes them (spec D§5).
+"""Pose/mesh error metrics, defined exactly as the original evaluation code computes them.
 
 All functions take numpy or torch arrays of shape ``[B, N, 3]`` (metres) and return per-frame values ``[B]``.
 """
@@ -31,7 +31,7 @@ def similarity_procrustes(pred, gt) -> np.ndarray:
 def masked_procrustes(pred, gt, visible) -> np.ndarray:
     """The original's visible-joint PA: zero invisible joints in both, fit on all N, apply to the full ``pred``.
 
-    Zeroed joints still count as coincident points at the origin in the means and the SVD (spec D§5.2).
+    Zeroed joints still count as coincident points at the origin in the means and the SVD, as in the original.
     """
     pred, gt = to_numpy(pred).astype(np.float64), to_numpy(gt).astype(np.float64)
     mask = to_numpy(visible).astype(np.float64)[..., None]
@@ -77,7 +77,7 @@ STAGE1_METRICS = ('G-MPJPE', 'MPJPE', 'PA-MPJPE', 'G-V2V', 'V2V', 'PA-V2V')
 
 
 def stage1_frame_errors(pred_joints, pred_verts, gt_joints, gt_verts) -> dict:
-    """Per-frame stage-1 errors in millimetres (spec D§5.1), each ``[B]``.
+    """Per-frame stage-1 errors in millimetres (as the original), each ``[B]``.
 
     ``*_joints [B, 24, 3]`` and ``*_verts [B, V, 3]`` are global (PV frame, metres). MPJPE/V2V subtract each body's
     own joint 0; PA-* apply a similarity Procrustes to the pelvis-aligned prediction.

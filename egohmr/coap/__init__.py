@@ -1,4 +1,4 @@
-"""COAP body occupancy (models.md §5), its checkpoints, training, and a weight-free exact counterpart.
+"""COAP body occupancy (Mihajlovic et al., CVPR 2022), its checkpoints, training, and a weight-free exact counterpart.
 
 * :class:`COAPBodyModel` / :func:`attach_coap` -- the learned occupancy with the original state_dict layout;
 * :func:`load_coap_checkpoint` / :func:`save_coap_checkpoint` -- official ``coap_smpl_*.ckpt`` files, no Lightning;

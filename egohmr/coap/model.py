@@ -1,4 +1,4 @@
-"""COAP: compositional articulated occupancy of a posed SMPL body (spec models.md §5.2-5.3).
+"""COAP: compositional articulated occupancy of a posed SMPL body (COAP's ``encode_body`` and ``query``).
 
 The body is split into 16 rigid parts. For every part, points sampled on its posed surface are mapped into the
 part's local bone frame and encoded by a ResNet-PointNet into a 128-d code. A query point is mapped into every

@@ -1,4 +1,4 @@
-"""Split an SMPL-format body into COAP's 16 rigid parts (spec models.md §5.1).
+"""Split an SMPL-format body into COAP's 16 rigid parts (as COAP's partitioner).
 
 Every vertex takes the joint with its largest skinning weight. Eight small joints are then merged into their
 parents, which leaves 16 parts. For each part we keep
