@@ -198,8 +198,8 @@ def _legs(width, depth, height, thickness, color, inset=0.03):
     out = []
     for sx in (-1, 1):
         for sz in (-1, 1):
-            out.append(([sx * (width / 2 - inset - thickness / 2), height / 2, sz * (depth / 2 - inset - thickness / 2)],
-                        [thickness, height, thickness], color, False))
+            centre = [sx * (width / 2 - inset - thickness / 2), height / 2, sz * (depth / 2 - inset - thickness / 2)]
+            out.append((centre, [thickness, height, thickness], color, False))
     return out
 
 

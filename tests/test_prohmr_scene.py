@@ -104,7 +104,8 @@ def test_forward_shapes_mode_first_and_shared_shape_camera(model):
     assert not torch.allclose(out['pred_pose_6d'][:, 1], out['pred_pose_6d'][:, 0], atol=1e-3)
     # betas and camera come from the FC head only: identical for every sample
     assert torch.equal(out['pred_cam'], out['pred_cam'][:, :1].expand_as(out['pred_cam']))
-    assert torch.equal(out['pred_smpl_params']['betas'][:, 1:], out['pred_smpl_params']['betas'][:, :1].expand(-1, 4, -1))
+    betas = out['pred_smpl_params']['betas']
+    assert torch.equal(betas[:, 1:], betas[:, :1].expand(-1, 4, -1))
     # rotations are proper
     rot = out['pred_smpl_params']['body_pose']
     assert torch.allclose(rot @ rot.transpose(-1, -2), torch.eye(3).expand_as(rot), atol=1e-4)
@@ -335,8 +336,9 @@ def test_prohmr_lightning_checkpoint_with_unimportable_classes(body_model_dir, t
 
 
 def test_train_script_missing_prohmr_checkpoint_is_a_one_line_error(body_model_dir, tmp_path, capsys):
-    code = load_script('train_prohmr_scene').main(['--data_dir', body_model_dir, '--checkpoint', str(tmp_path / 'none.pt'),
-                                    '--save_dir', str(tmp_path / 'runs'), '--dataset_root', str(tmp_path)])
+    flags = ['--data_dir', body_model_dir, '--checkpoint', str(tmp_path / 'none.pt'),
+             '--save_dir', str(tmp_path / 'runs'), '--dataset_root', str(tmp_path)]
+    code = load_script('train_prohmr_scene').main(flags)
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1
     assert '--load_pretrained False' in err and 'checkpoint.pt' in err
@@ -399,7 +401,8 @@ def test_train_then_test_end_to_end(s1_world, tmp_path):
     assert bool(state['initialized']) and bool(state['flow.flow._transform._transforms.0.initialized'])
 
     save_root, render_root = str(tmp_path / 'results'), str(tmp_path / 'render')
-    render = ['--render', 'True', '--render_step', '1000', '--output_render_root', render_root] if egl_available() else []
+    render = (['--render', 'True', '--render_step', '1000', '--output_render_root', render_root]
+              if egl_available() else [])
     code = tps.main(['--dataset_root', s1_world.root, '--data_dir', s1_world.data_dir,
                      '--checkpoint', os.path.join(run_dir, 'best_model.pt'), '--save_root', save_root,
                      '--num_workers', '0', '--batch_size', '4', '--num_samples', '2'] + render)

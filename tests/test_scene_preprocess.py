@@ -216,7 +216,8 @@ def test_cube_shift_bounds_hand_computed_and_keep_the_body_inside():
 
 
 def test_frame_rng_depends_only_on_seed_and_index():
-    draw = lambda seed, index: sp.draw_cube_yaw_and_shift(sp.frame_rng(seed, index), None, np.zeros(3))
+    def draw(seed, index):
+        return sp.draw_cube_yaw_and_shift(sp.frame_rng(seed, index), None, np.zeros(3))
     assert draw(0, 7) == draw(0, 7)
     assert draw(0, 7) != draw(1, 7) and draw(0, 7) != draw(0, 8)
     assert draw(0, 7)[1] == (0.0, 0.0)

@@ -73,7 +73,8 @@ def test_csv_and_calibration_files(synthetic_world):
         assert row[f'body_idx_{idx}'] == gender
         holo = json.load(open(os.path.join(root, 'calibrations', row['recording_name'], 'cal_trans',
                                            'holo_to_kinect12.json')))['trans']
-        k2h = load_pickle(os.path.join(root, 'transf_matrices_all_seqs.pkl'))[row['recording_name']]['trans_kinect2holo']
+        transforms = load_pickle(os.path.join(root, 'transf_matrices_all_seqs.pkl'))
+        k2h = transforms[row['recording_name']]['trans_kinect2holo']
         np.testing.assert_allclose(np.asarray(holo) @ k2h, np.eye(4), atol=1e-9)
         assert os.path.isfile(scene_mesh_path(root, row['scene_name']))
     color = json.load(open(os.path.join(root, 'kinect_cam_params', 'kinect_master', 'Color.json')))
@@ -134,7 +135,8 @@ def test_keypoints_are_projected_joints(annotations):
         uv = np.stack([fx * joints[..., 0] / joints[..., 2] + cx, fx * joints[..., 1] / joints[..., 2] + cy], -1)
         kp = ann['valid_keypoints']
         visible = kp[..., 2] > 0
-        inside = (joints[..., 2] > 0) & (uv[..., 0] >= 0) & (uv[..., 0] < 1920) & (uv[..., 1] >= 0) & (uv[..., 1] < 1080)
+        inside = ((joints[..., 2] > 0) & (uv[..., 0] >= 0) & (uv[..., 0] < 1920)
+                  & (uv[..., 1] >= 0) & (uv[..., 1] < 1080))
         np.testing.assert_array_equal(visible, inside)
         assert np.abs(uv[visible] - kp[visible][:, :2]).max() < 1.0
         assert np.all((kp[visible][:, 2] >= 0.6) & (kp[visible][:, 2] <= 0.95))
@@ -208,7 +210,8 @@ def test_images_show_the_body(synthetic_world, annotations, plan):
         if checked >= 3 or conf == 0 or not (20 <= x < 1900 and 20 <= y < 1060):
             continue
         renderer = renderer or Renderer(1920, 1080)
-        empty, _ = renderer.render([(plan.rooms[scene].render_mesh(), None)], K=(row['fx'], row['fy'], row['cx'], row['cy']),
+        intrinsics = (row['fx'], row['fy'], row['cx'], row['cy'])
+        empty, _ = renderer.render([(plan.rooms[scene].render_mesh(), None)], K=intrinsics,
                                    cam_pose_opencv_to_world=np.linalg.inv(T), ambient=(0.35, 0.35, 0.35))
         window = np.s_[int(y) - 15:int(y) + 16, int(x) - 15:int(x) + 16]
         difference = np.abs(image[window].astype(float) - empty[..., ::-1][window].astype(float)).mean()

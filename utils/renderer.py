@@ -42,7 +42,7 @@ def make_mesh(mesh, material=None, smooth: Optional[bool] = None):
     return _pyrender().Mesh.from_trimesh(mesh, material=material, smooth=smooth)
 
 
-MeshItem = Union['pyrender.Mesh', Tuple[object, object]]
+MeshItem = Union[object, Tuple[object, object]]   # a pyrender.Mesh, or (trimesh mesh, material)
 
 
 class Renderer:
