@@ -16,7 +16,7 @@ import os
 import sys
 
 from utils.cli import (add_data_flags, add_scene_and_camera_flags, add_test_flags, close_hook, new_parser,
-                       positive_flags_error, render_error, visual_hook)
+                       parse_test_args, positive_flags_error, render_error, visual_hook)
 from utils.checks import error_line, output_dir_error
 from utils.io import DataError
 from utils.run import str2bool
@@ -208,14 +208,9 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    try:
-        from utils.run_state import STAGE2_RUN_SETTINGS, apply_run_settings
-        apply_run_settings(args, parser, argv, args.checkpoint, STAGE2_RUN_SETTINGS)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    from utils.run_state import STAGE2_RUN_SETTINGS
+    args = parse_test_args(build_parser(), argv, STAGE2_RUN_SETTINGS)
+    if args is None:
         return 2
     message = check_args(args)
     if message:

@@ -21,12 +21,10 @@ from egohmr.checkpoints import load_backbone_from_prohmr
 from egohmr.losses import DEFAULT_LOSS_WEIGHTS
 from egohmr.model import EgoHMR
 from utils import distributed
-from utils.io import DataError, atomic_torch_save
+from utils.io import DataError
 from utils.run import (check_finite_losses, check_run_paths, get_logger, log_scalars, open_run_dir,
-                       open_summary_writer, prepare_run, recursive_to, training_loop)
-from utils.run_state import (EpochSampler, StopRequest, choose_data_seed, load_training_state, preserved_rng,
-                             restore_training_state, resume_checkpoint_path, rng_state, run_config,
-                             training_checkpoint)
+                       open_summary_writer, prepare_run, recursive_to, run_training_loop)
+from utils.run_state import EpochSampler, RunRecord, choose_data_seed, preserved_rng, resume_request, run_config
 
 VAL_METRIC = 'loss_keypoints_3d_vis'
 STATS_DIRNAME = 'preprocess_stats'
@@ -141,8 +139,7 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
 
     The inputs (output folder, checkpoints, data) are all read and checked before the run folder is created.
     """
-    resumed = load_training_state(resume_checkpoint_path(args.resume)) if args.resume else None
-    resume_dir = os.path.dirname(resume_checkpoint_path(args.resume)) if resumed else None
+    resumed, resume_dir = resume_request(args)
     if resumed is not None:
         args.load_pretrained_img_enc = False          # the weights come from the checkpoint
     files = [('--coap_checkpoint', args.coap_checkpoint, 'COAP checkpoint', '')] if args.coap_checkpoint else []
@@ -183,36 +180,19 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
     iters_per_epoch = len(train_loader)
     logger.info(f"train: {len(train_set)} frames, {iters_per_epoch} iterations/epoch; val: {len(val_set)} frames "
                 f"(sampling {args.timestep_respacing_eval})")
-    config = run_config(args, cfg, data_seed, 'egohmr')
-    stats = {'Xmean': train_set.Xmean, 'Xstd': train_set.Xstd}
-    history, best, start_step = [], math.inf, 0
-
-    def checkpoint(step: int, epoch: int, rng_per_rank=None) -> Dict:
-        return training_checkpoint(model, config, (optimizer,), step, epoch, best, history, rng_per_rank,
-                                   body_rep_stats=stats)
-
-    def save_last(step: int, epoch: int) -> None:
-        state = checkpoint(step, epoch, distributed.all_gather_objects(rng_state()))
-        if distributed.is_main():
-            atomic_torch_save(state, os.path.join(run_dir, 'last_model.pt'))
+    record = RunRecord(model, (optimizer,), run_config(args, cfg, data_seed, 'egohmr'), run_dir, VAL_METRIC,
+                       'best_model_vis.pt', body_rep_stats={'Xmean': train_set.Xmean, 'Xstd': train_set.Xstd})
 
     def run_validation(step: int, epoch: int, count_as_best: bool = True) -> None:
-        nonlocal best
         if not distributed.is_main():
             return
         val = validate(model, diffusion_eval, val_loader, device, method, epoch)
-        history.append({'iteration': step, **val})
         log_scalars(writer, 'val', val, step)
-        improved = count_as_best and val[VAL_METRIC] < best
-        if improved:
-            best = val[VAL_METRIC]
-            atomic_torch_save(checkpoint(step, epoch), os.path.join(run_dir, 'best_model_vis.pt'))
+        improved = record.record_validation(step, epoch, val, count_as_best)
         logger.info(f"[val] iter {step}: {format_losses(val)}" + ('  -> best_model_vis.pt' if improved else ''))
 
     if resumed is not None:
-        restore_training_state(resumed, model, (optimizer,))
-        start_step, best, history = int(resumed['iteration']), float(resumed['best']), list(resumed['history'])
-        logger.info(f"resumed from iteration {start_step} (best val {VAL_METRIC} {best:.2f} mm)")
+        record.restore(resumed, logger)
     elif args.val_at_start:
         with preserved_rng():
             run_validation(0, 0, count_as_best=False)
@@ -224,16 +204,7 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
         sync.after_step()
         return losses
 
-    with StopRequest() as stop:
-        step, _ = training_loop(
-            train_loader, num_epoch=args.num_epoch, max_iters=args.max_iters, iters_per_epoch=iters_per_epoch,
-            log_step=args.log_step, val_step=args.val_step, save_step=args.save_step, train_step=step_fn,
-            validate=run_validation,
-            save_last=save_last, writer=writer, logger=logger, format_losses=format_losses,
-            validated_at_start=args.val_at_start and resumed is None, start_step=start_step,
-            sampler=train_sampler, stop=stop)
-    if writer is not None:
-        writer.close()
-    logger.info(f"done: {step} iterations; best val {VAL_METRIC} = {best:.2f} mm")
-    distributed.close_distributed()
-    return {'run_dir': run_dir, 'iterations': step, 'best': best, 'history': history}
+    step = run_training_loop(args, train_loader, train_sampler, step_fn, run_validation, record, writer, logger,
+                             format_losses, validated_at_start=args.val_at_start and resumed is None)
+    logger.info(f"done: {step} iterations; best val {VAL_METRIC} = {record.best:.2f} mm")
+    return {'run_dir': run_dir, 'iterations': step, 'best': record.best, 'history': record.history}

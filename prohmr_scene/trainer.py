@@ -8,7 +8,6 @@ Every ``val_step`` iterations the whole val split is evaluated (eval mode, ``NUM
 """
 from __future__ import annotations
 
-import math
 import os
 from collections import defaultdict
 from typing import Dict, Optional
@@ -16,15 +15,14 @@ from typing import Dict, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from utils.checkpoint_io import PROHMR_HINT, load_prohmr_backbone
 from prohmr_scene.model import ProHMRScene
 from utils import distributed
-from utils.io import DataError, atomic_torch_save
+from utils.checkpoint_io import PROHMR_HINT, load_prohmr_backbone
+from utils.io import DataError
 from utils.run import (check_finite_losses, check_run_paths, get_logger, log_scalars, open_run_dir,
-                       open_summary_writer, prepare_run, recursive_to, training_loop)
-from utils.run_state import (EpochSampler, StopRequest, choose_data_seed, endless_batches, load_training_state,
-                             preserved_rng, restore_training_state, resume_checkpoint_path, rng_state, run_config,
-                             training_checkpoint)
+                       open_summary_writer, prepare_run, recursive_to, run_training_loop)
+from utils.run_state import (EpochSampler, RunRecord, choose_data_seed, endless_batches, preserved_rng,
+                             resume_request, run_config)
 
 VAL_METRIC = 'loss_keypoints_3d_mode'
 
@@ -149,8 +147,7 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
 
     The inputs (output folder, checkpoint, data) are all read and checked before the run folder is created.
     """
-    resumed = load_training_state(resume_checkpoint_path(args.resume)) if args.resume else None
-    resume_dir = os.path.dirname(resume_checkpoint_path(args.resume)) if resumed else None
+    resumed, resume_dir = resume_request(args)
     if resumed is not None:
         args.load_pretrained = False          # the weights come from the checkpoint
     check_run_paths(args, [('--checkpoint', args.checkpoint, 'ProHMR checkpoint', PROHMR_HINT)]
@@ -165,35 +162,19 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
     writer = open_summary_writer(run_dir, logger) if distributed.is_main() else None
     logger.info(f"train: {len(train_loader.dataset)} frames, {len(train_loader)} iterations/epoch; "
                 f"val: {len(val_loader.dataset)} frames")
-    config = run_config(args, cfg, data_seed, 'prohmr_scene')
-    history, best, start_step = [], math.inf, 0
-
-    def checkpoint(step: int, epoch: int, rng_per_rank=None) -> Dict:
-        return training_checkpoint(model, config, (optimizer, optimizer_disc), step, epoch, best, history,
-                                   rng_per_rank)
-
-    def save_last(step: int, epoch: int) -> None:
-        state = checkpoint(step, epoch, distributed.all_gather_objects(rng_state()))
-        if distributed.is_main():
-            atomic_torch_save(state, os.path.join(run_dir, 'last_model.pt'))
+    record = RunRecord(model, (optimizer, optimizer_disc), run_config(args, cfg, data_seed, 'prohmr_scene'), run_dir,
+                       VAL_METRIC, 'best_model.pt')
 
     def run_validation(step: int, epoch: int, count_as_best: bool = True) -> None:
-        nonlocal best
         if not distributed.is_main():
             return
         val = validate(model, val_loader, device)
-        history.append({'iteration': step, **val})
         log_scalars(writer, 'val', val, step)
-        improved = count_as_best and val[VAL_METRIC] < best
-        if improved:
-            best = val[VAL_METRIC]
-            atomic_torch_save(checkpoint(step, epoch), os.path.join(run_dir, 'best_model.pt'))
+        improved = record.record_validation(step, epoch, val, count_as_best)
         logger.info(f"[val] iter {step}: {format_losses(val)}" + ('  -> best_model.pt' if improved else ''))
 
     if resumed is not None:
-        restore_training_state(resumed, model, (optimizer, optimizer_disc))
-        start_step, best, history = int(resumed['iteration']), float(resumed['best']), list(resumed['history'])
-        logger.info(f"resumed from iteration {start_step} (best val {VAL_METRIC} {best:.4f})")
+        record.restore(resumed, logger)
     else:
         if args.val_at_start or distributed.world_size() > 1:
             # ActNorm data initialisation now, on rank 0's first batch for every rank (normally in the first step)
@@ -203,7 +184,7 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
         if args.val_at_start:
             with preserved_rng():
                 run_validation(0, 0, count_as_best=False)   # the untrained model is logged, never saved as best
-    mocap_iter = endless_batches(mocap_loader, mocap_sampler, start_batch=start_step)
+    mocap_iter = endless_batches(mocap_loader, mocap_sampler, start_batch=record.start_step)
     sync = distributed.SyncCheck(model, args.log_step, logger)
 
     def step_fn(batch: Dict, epoch: int) -> Dict[str, float]:
@@ -212,16 +193,7 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
         sync.after_step()
         return losses
 
-    with StopRequest() as stop:
-        step, _ = training_loop(
-            train_loader, num_epoch=args.num_epoch, max_iters=args.max_iters, iters_per_epoch=len(train_loader),
-            log_step=args.log_step, val_step=args.val_step, save_step=args.save_step, train_step=step_fn,
-            validate=run_validation,
-            save_last=save_last, writer=writer, logger=logger, format_losses=format_losses,
-            validated_at_start=args.val_at_start and resumed is None, start_step=start_step,
-            sampler=train_sampler, stop=stop)
-    if writer is not None:
-        writer.close()
+    step = run_training_loop(args, train_loader, train_sampler, step_fn, run_validation, record, writer, logger,
+                             format_losses, validated_at_start=args.val_at_start and resumed is None)
     logger.info(f"done after {step} iterations; checkpoints in {run_dir}")
-    distributed.close_distributed()
-    return {'run_dir': run_dir, 'iterations': step, 'val_history': history, 'best_val': best}
+    return {'run_dir': run_dir, 'iterations': step, 'val_history': record.history, 'best_val': record.best}

@@ -156,3 +156,18 @@ def run_training(args, train, errors=()) -> int:
         return 1
     print(f"run folder: {summary['run_dir']}")
     return 0
+
+
+def parse_test_args(parser: argparse.ArgumentParser, argv, run_settings):
+    """Parse a test script's flags and take the checkpoint's training settings ``run_settings`` from its recorded
+    run (:func:`utils.run_state.apply_run_settings`); None after printing the one-line error of a contradiction."""
+    from utils.io import DataError
+    from utils.run_state import apply_run_settings
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    try:
+        apply_run_settings(args, parser, argv, args.checkpoint, run_settings)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    return args

@@ -309,3 +309,23 @@ def write_metrics(metrics: dict, json_path: str, title: str = 'metrics') -> str:
     atomic_json_dump(metrics, json_path)
     rows = [(k, f'{v:.2f}' if isinstance(v, float) else v) for k, v in metrics.items()]
     return f'{title}\n' + format_table(rows, ('metric', 'value'))
+
+
+def run_training_loop(args, loader, sampler, step_fn, validate, record, writer, logger, format_losses,
+                      validated_at_start: bool = False) -> int:
+    """:func:`training_loop` with the flags of :func:`utils.cli.add_training_flags`, the run's
+    :class:`utils.run_state.RunRecord` (resume point, ``last_model.pt``), SIGTERM/SIGINT handling and the
+    closing of tensorboard and of the process group; returns the iterations done."""
+    from utils import distributed
+    from utils.run_state import StopRequest
+    with StopRequest() as stop:
+        step, _ = training_loop(
+            loader, num_epoch=args.num_epoch, max_iters=args.max_iters, iters_per_epoch=len(loader),
+            log_step=args.log_step, val_step=args.val_step, save_step=args.save_step, train_step=step_fn,
+            validate=validate, save_last=record.save_last, writer=writer, logger=logger,
+            format_losses=format_losses, validated_at_start=validated_at_start, start_step=record.start_step,
+            sampler=sampler, stop=stop)
+    if writer is not None:
+        writer.close()
+    distributed.close_distributed()
+    return step

@@ -308,3 +308,57 @@ def apply_run_settings(args, parser, argv, checkpoint: str, names, log=print) ->
                             f"{theirs}; drop the flag or pass --{name} {theirs}")
         setattr(args, name, theirs)
         log(f"note: --{name} {theirs} (from the checkpoint's training run; default {ours})")
+
+
+# ------------------------------------------------------------------------------------------------- run record
+class RunRecord:
+    """What a training run keeps beside its model: the best validation value, the validation history, and the
+    checkpoints it writes (``last_model.pt`` on every rank's call, the best one on rank 0). Both trainers use it.
+
+    :param metric: the validation value that decides the best checkpoint (lower is better).
+    :param best_name: its file name (stage 1 ``best_model.pt``, stage 2 ``best_model_vis.pt``).
+    :param extra: further checkpoint entries (stage 2: ``body_rep_stats``).
+    """
+
+    def __init__(self, model, optimizers, config: Dict, run_dir: str, metric: str, best_name: str, **extra):
+        self.model, self.optimizers, self.config, self.run_dir = model, tuple(optimizers), config, run_dir
+        self.metric, self.best_name, self.extra = metric, best_name, extra
+        self.best, self.history, self.start_step = float('inf'), [], 0
+
+    def checkpoint(self, step: int, epoch: int, rng_per_rank=None) -> Dict:
+        return training_checkpoint(self.model, self.config, self.optimizers, step, epoch, self.best, self.history,
+                                   rng_per_rank, **self.extra)
+
+    def save_last(self, step: int, epoch: int) -> None:
+        """Write ``last_model.pt`` (every rank must call it: the RNG states of all ranks are gathered)."""
+        from utils import distributed
+        from utils.io import atomic_torch_save
+        state = self.checkpoint(step, epoch, distributed.all_gather_objects(rng_state()))
+        if distributed.is_main():
+            atomic_torch_save(state, os.path.join(self.run_dir, RESUME_FILE))
+
+    def record_validation(self, step: int, epoch: int, values: Dict, count_as_best: bool = True) -> bool:
+        """Add a validation to the history; write the best checkpoint when it improves (rank 0 only)."""
+        from utils.io import atomic_torch_save
+        self.history.append({'iteration': step, **values})
+        improved = count_as_best and values[self.metric] < self.best
+        if improved:
+            self.best = values[self.metric]
+            atomic_torch_save(self.checkpoint(step, epoch), os.path.join(self.run_dir, self.best_name))
+        return improved
+
+    def restore(self, resumed: Dict, logger=None) -> None:
+        """Weights, optimizers, RNG streams, iteration, best value and history of a ``--resume`` checkpoint."""
+        restore_training_state(resumed, self.model, self.optimizers)
+        self.start_step, self.best = int(resumed['iteration']), float(resumed['best'])
+        self.history = list(resumed['history'])
+        if logger is not None:
+            logger.info(f"resumed from iteration {self.start_step} (best val {self.metric} {self.best:.4f})")
+
+
+def resume_request(args):
+    """``(training state, run folder)`` of ``--resume``, or ``(None, None)``."""
+    if not getattr(args, 'resume', None):
+        return None, None
+    path = resume_checkpoint_path(args.resume)
+    return load_training_state(path), os.path.dirname(path)
