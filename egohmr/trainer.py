@@ -150,7 +150,8 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
     device = prepare_run(args)
     data_seed = choose_data_seed(args, resumed)
     train_set, val_set = build_datasets(args, cfg, None)
-    model = build_model(args, cfg, train_set.Xmean, train_set.Xstd, device)
+    model = distributed.convert_sync_batchnorm(build_model(args, cfg, train_set.Xmean, train_set.Xstd, device),
+                                               args.sync_bn, device)
     run_dir, logger = open_run_dir(args, cfg_path, device, run_dir=resume_dir)
     if distributed.is_main():
         save_body_rep_stats(os.path.join(run_dir, STATS_DIRNAME), train_set.Xmean, train_set.Xstd)

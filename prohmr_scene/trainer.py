@@ -154,7 +154,7 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
                     if args.load_pretrained else [])
     device = prepare_run(args)
     data_seed = choose_data_seed(args, resumed)
-    model = build_model(args, cfg, device)
+    model = distributed.convert_sync_batchnorm(build_model(args, cfg, device), args.sync_bn, device)
     train_loader, train_sampler, val_loader, mocap_loader, mocap_sampler = build_loaders(args, cfg, data_seed)
     run_dir, logger = open_run_dir(args, cfg_path, device, run_dir=resume_dir)
     distributed.broadcast_state(model)                          # every rank starts from rank 0's weights

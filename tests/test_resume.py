@@ -207,3 +207,13 @@ def test_two_gloo_processes_stay_in_step_and_resume_exactly(world, tmp_path, sta
     torchrun([f'{script}.py', *flags(world, stage, runs, 'part', 1), '--device', 'cpu'])
     torchrun([f'{script}.py', *flags(world, stage, runs, 'part', 2), '--device', 'cpu', '--resume', str(runs / 'part')])
     assert_same_weights(weights(runs / 'part' / 'last_model.pt'), weights(runs / 'full' / 'last_model.pt'))
+
+
+def test_sync_bn_without_cuda_is_one_line(world, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip('this machine has CUDA: --sync_bn is allowed')
+    script = load_script('train_egohmr')
+    assert script.main(flags(world, 'stage2', tmp_path, 'bn', 1, extra=['--sync_bn', 'True'])) == 1
+    err = capsys.readouterr().err.strip()
+    assert '\n' not in err and '--sync_bn True needs CUDA' in err
+    assert not (tmp_path / 'bn').exists()

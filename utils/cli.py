@@ -39,7 +39,7 @@ def add_data_flags(p: argparse.ArgumentParser, needs_mocap: bool = False) -> Non
     p.add_argument('--data_dir', default='data', help=f'folder with {what} (the original hard-codes data/)')
     p.add_argument('--model_cfg', default=None, help='model config yaml (default: configs/prohmr.yaml)')
     add_device_flags(p)
-    p.add_argument('--batch_size', type=int, default=16, help='images per batch')
+    p.add_argument('--batch_size', type=int, default=16, help='images per batch (per process under torchrun)')
     p.add_argument('--num_workers', type=int, default=4, help='DataLoader worker processes (0: load in-process)')
     p.add_argument('--scene_downsample_rate', type=int, default=1, help=SCENE_DOWNSAMPLE_HELP)
 
@@ -72,6 +72,7 @@ def add_training_flags(p: argparse.ArgumentParser, save_dir: str, val_step: int)
                    help='continue a run: its folder (uses last_model.pt) or a checkpoint written by this code; same '
                         'weights, optimizer, iteration, best value, data order and RNG streams (exact with --seed)')
     add_bool_flag(p, '--overwrite', False, 'allow a --run_id whose folder already holds checkpoints (replaced)')
+    add_bool_flag(p, '--sync_bn', False, 'under torchrun on CUDA: batch-norm statistics over all processes\' batches')
 
 
 def add_test_flags(p: argparse.ArgumentParser, checkpoint: str, batch_size: int, render_step: int) -> None:

@@ -144,3 +144,14 @@ class SyncCheck:
             raise RuntimeError(f"ranks hold different weights after step {self.steps}: checksums {sums}")
         if self.logger is not None:
             self.logger.info(f"[ddp] {len(sums)} ranks hold identical weights (checksum {sums[0]:.10g})")
+
+
+def convert_sync_batchnorm(model: torch.nn.Module, enabled: bool, device: torch.device) -> torch.nn.Module:
+    """``--sync_bn True``: batch-norm statistics computed over the batches of all processes (CUDA only; the
+    state_dict names stay the same). Without it each process normalises with its own batch, as DDP does."""
+    if not enabled:
+        return model
+    if device.type != 'cuda':
+        raise ValueError("--sync_bn True needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); on the CPU "
+                         "each process normalises with its own batch and takes rank 0's running statistics")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -192,6 +192,9 @@ def check_run_paths(args, input_files=()) -> None:
     require_output_dirs([(args.save_dir, '--save_dir'), (run_dir, '--run_id')])
     if args.run_id is not None and not getattr(args, 'resume', None):
         check_run_dir(run_dir, resume=False, overwrite=bool(getattr(args, 'overwrite', False)))
+    if getattr(args, 'sync_bn', False) and (getattr(args, 'device', None) == 'cpu' or not torch.cuda.is_available()):
+        raise DataError("--sync_bn True needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); on the CPU "
+                        "each process normalises with its own batch and takes rank 0's running statistics")
     for flag, path, what, hint in input_files:
         if not os.path.isfile(path):
             raise DataError(f"{flag}: no {what} at '{path}'" + (f"; {hint}" if hint else ''))
