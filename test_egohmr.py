@@ -126,7 +126,7 @@ def output_conflict_error(args) -> str:
 def run(args) -> dict:
     from torch.utils.data import DataLoader
 
-    from configs import get_config
+    from configs import egohmr_config
     from dataloaders.body_rep_stats import load_body_rep_stats
     from dataloaders.egobody_dataset import EgoBodyDataset
     from diffusion import create_gaussian_diffusion
@@ -144,15 +144,13 @@ def run(args) -> dict:
         print("note: --save_pred_transl is a stage-1 option; test_egohmr.py ignores it (use --save_results)")
     seed_everything(args.seed)
     device = get_device(args.gpu_id, args.device)
-    cfg = get_config(args.model_cfg, overrides=['TRAIN.NUM_TEST_SAMPLES', args.num_samples])
+    # the stage-2 config with this run's flags (which already agree with the checkpoint's recorded run)
+    cfg = egohmr_config(args.model_cfg, args, explicit=set(vars(args)))
     x_mean, x_std = load_body_rep_stats(args.stats_path or checkpoint_run_dir(args.checkpoint))
     need_collision = args.eval_coll_loss or args.with_coap_grad
-    model = EgoHMR(cfg, data_dir=args.data_dir, body_rep_mean=x_mean, body_rep_std=x_std,
-                   with_focal_length=args.with_focal_length, with_bbox_info=args.with_bbox_info,
-                   with_cam_center=args.with_cam_center, scene_feat_dim=512, scene_type=args.scene_type,
-                   scene_cano=args.scene_cano, cond_mask_prob=0.0, only_mask_img_cond=args.only_mask_img_cond,
-                   pelvis_vis_loosen=args.pelvis_vis_loosen, diffuse_fuse=args.diffuse_fuse,
-                   with_coap=True if (need_collision and args.collision_model == 'coap') else None)
+    model = EgoHMR.from_config(cfg, data_dir=args.data_dir, body_rep_mean=x_mean, body_rep_std=x_std, training=False,
+                               pelvis_vis_loosen=args.pelvis_vis_loosen, diffuse_fuse=args.diffuse_fuse,
+                               with_coap=True if (need_collision and args.collision_model == 'coap') else None)
     missing, unexpected = load_egohmr_weights(model, args.checkpoint)
     if missing or unexpected:
         print(f"checkpoint '{args.checkpoint}': {len(missing)} missing keys {missing[:3]}, "

@@ -46,7 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    from configs import egohmr_config
+    from utils.run_state import explicit_flags
+    try:   # configs/egohmr.yaml (+ --model_cfg), overridden by the flags given on the command line
+        cfg = egohmr_config(args.model_cfg, args, explicit_flags(parser, argv))
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     error = positive_flags_error(args, ('batch_size', 'log_step', 'val_step', 'save_step', 'num_epoch', 'max_iters',
                                         'eval_spacing', 'num_diffusion_timesteps', 'scene_downsample_rate'))
     if error:
@@ -59,7 +68,7 @@ def main(argv=None) -> int:
         print(f"error: --cond_mask_prob must lie in [0, 1], got {args.cond_mask_prob}", file=sys.stderr)
         return 2
     from egohmr.trainer import train
-    return run_training(args, train, errors=(ValueError,))
+    return run_training(args, train, errors=(ValueError,), load_config=lambda _: cfg)
 
 
 if __name__ == '__main__':

@@ -138,6 +138,27 @@ class EgoHMR(nn.Module):
             self.to(device)
 
     # ------------------------------------------------------------------------------------------------ setup
+    @classmethod
+    def from_config(cls, cfg, data_dir: str = 'data', body_rep_mean=None, body_rep_std=None, training: bool = True,
+                    **test_settings) -> 'EgoHMR':
+        """The network of a stage-2 config (``cfg.EGOHMR``, see ``configs/egohmr.yaml``).
+
+        ``training``: the loss weights, condition dropout and visibility map of the config. Otherwise (testing) the
+        losses are weighted 0, no condition is dropped, and ``test_settings`` give ``pelvis_vis_loosen``,
+        ``diffuse_fuse``, ``with_coap`` (the test script's flags).
+        """
+        s = cfg.EGOHMR
+        weights = {('weight_coap_penetration' if k == 'COAP_PENETRATION' else f'weight_loss_{k.lower()}'): float(v)
+                   for k, v in s.LOSS_WEIGHTS.items()} if training else {}
+        kwargs = dict(with_focal_length=s.WITH_FOCAL_LENGTH, with_bbox_info=s.WITH_BBOX_INFO,
+                      with_cam_center=s.WITH_CAM_CENTER, scene_feat_dim=s.SCENE_FEAT_DIM, scene_type=s.SCENE_TYPE,
+                      scene_cano=s.SCENE_CANO, start_coap_epoch=s.START_COAP_EPOCH,
+                      cond_mask_prob=s.COND_MASK_PROB if training else 0.0, only_mask_img_cond=s.ONLY_MASK_IMG_COND,
+                      diffusion_blk=s.DIFFUSION_BLK, gcn_dropout=s.GCN_DROPOUT, gcn_hid_dim=s.GCN_HID_DIM,
+                      pelvis_vis_loosen=s.PELVIS_VIS_LOOSEN, diffuse_fuse=False, **weights)
+        kwargs.update(test_settings)
+        return cls(cfg, data_dir=data_dir, body_rep_mean=body_rep_mean, body_rep_std=body_rep_std, **kwargs)
+
     def _attach_coap(self, checkpoint: Optional[str]) -> None:
         try:
             from egohmr.coap.model import attach_coap

@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader
 from dataloaders.body_rep_stats import save_body_rep_stats
 from diffusion import UniformSampler, create_gaussian_diffusion
 from egohmr.checkpoints import load_backbone_from_prohmr
-from egohmr.losses import DEFAULT_LOSS_WEIGHTS
 from egohmr.model import EgoHMR
 from utils import distributed
 from utils.io import DataError
@@ -46,14 +45,8 @@ def weight_flag(term: str) -> str:
 
 def build_model(args, cfg, x_mean, x_std, device) -> EgoHMR:
     """The training-configured network (original flags), optionally with the ProHMR image encoder."""
-    weights = {weight_flag(k): getattr(args, weight_flag(k)) for k in DEFAULT_LOSS_WEIGHTS}
-    model = EgoHMR(cfg, data_dir=args.data_dir, body_rep_mean=x_mean, body_rep_std=x_std,
-                   with_focal_length=args.with_focal_length, with_bbox_info=args.with_bbox_info,
-                   with_cam_center=args.with_cam_center, scene_feat_dim=512, scene_type=args.scene_type,
-                   scene_cano=args.scene_cano, start_coap_epoch=args.start_coap_epoch,
-                   cond_mask_prob=args.cond_mask_prob, only_mask_img_cond=args.only_mask_img_cond,
-                   pelvis_vis_loosen=args.pelvis_vis_loosen, diffuse_fuse=False,
-                   coap_checkpoint=args.coap_checkpoint, **weights)
+    model = EgoHMR.from_config(cfg, data_dir=args.data_dir, body_rep_mean=x_mean, body_rep_std=x_std, training=True,
+                               coap_checkpoint=args.coap_checkpoint)
     if args.load_pretrained_img_enc:
         load_backbone_from_prohmr(model, args.checkpoint_img_enc, log=get_logger().info)
     return model.to(device)

@@ -136,8 +136,9 @@ def close_hook(hook) -> None:
         hook.close()
 
 
-def run_training(args, train, errors=()) -> int:
-    """Load ``--model_cfg`` (default configs/prohmr.yaml) and run ``train(args, cfg, cfg_path)``.
+def run_training(args, train, errors=(), load_config=None) -> int:
+    """Load the config (``load_config(args)``; default: ``--model_cfg``, else configs/prohmr.yaml) and run
+    ``train(args, cfg, cfg_path)``.
 
     Data problems (and the extra ``errors`` types) end with one ``error:`` line and exit code 1.
     """
@@ -147,7 +148,7 @@ def run_training(args, train, errors=()) -> int:
     from utils.run_state import RunInterrupted
     try:
         args.model_cfg = args.model_cfg or PROHMR_YAML
-        cfg = get_config(args.model_cfg)
+        cfg = load_config(args) if load_config is not None else get_config(args.model_cfg)
         summary = train(args, cfg, cfg_path=args.model_cfg)
     except RunInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
