@@ -371,6 +371,9 @@ def test_train_then_test_end_to_end(s1_world, tmp_path):
     run_dir = os.path.join(runs, 'e2e')
     assert {'best_model.pt', 'last_model.pt', 'params.json', 'prohmr.yaml'} <= set(os.listdir(run_dir))
     assert any(name.startswith('events.out.tfevents') for name in os.listdir(run_dir))
+    curves = json.load(open(os.path.join(run_dir, 'curves.json')))    # what curves.png shows
+    assert [step for step, _ in curves['train']['loss']] == [1, 2] and [s for s, _ in curves['val']['loss']] == [2]
+    assert open(os.path.join(run_dir, 'curves.png'), 'rb').read(4) == b'\x89PNG'
     state = torch.load(os.path.join(run_dir, 'best_model.pt'), weights_only=False)['state_dict']
     assert bool(state['initialized']) and bool(state['flow.flow._transform._transforms.0.initialized'])
 

@@ -87,23 +87,34 @@ def per_joint_figure(pred: Dict[str, np.ndarray], path: str, title: str = '') ->
 
 
 def curves_figure(curves: Dict[str, Dict[str, list]], path: str, title: str = '') -> Optional[str]:
-    """``{'train': {name: [[iter, value], ...]}, 'val': {...}}`` -> one panel per group, log-y; None if empty."""
+    """``{'train': {name: [[iter, value], ...]}, 'val': {...}}`` -> one log-y panel per group; None if empty.
+
+    Series with a value <= 0 (e.g. a negative log-likelihood) cannot go on a log axis and are named in the panel
+    title instead."""
     groups = [(g, series) for g, series in curves.items() if any(series.values())]
     if not groups:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(8.5 * len(groups), 4.5), squeeze=False)
     for ax, (group, series) in zip(axes[0], groups):
+        left_out = []
         for name, points in sorted(series.items()):
-            if points:
-                pts = np.asarray(points, dtype=float)
-                ax.plot(pts[:, 0], pts[:, 1], marker='o' if len(pts) < 30 else None, ms=3, label=name)
+            pts = np.asarray(points, dtype=float).reshape(-1, 2)
+            if not len(pts):
+                continue
+            if np.any(pts[:, 1] <= 0) or not np.all(np.isfinite(pts[:, 1])):
+                left_out.append(name)
+                continue
+            total = name == 'loss'                                  # the optimised total: thick and black
+            ax.plot(pts[:, 0], pts[:, 1], marker='o' if len(pts) < 30 else None, ms=3, label=name,
+                    lw=2.5 if total else 1.0, color='black' if total else None, zorder=3 if total else 2)
         ax.set_xlabel('iteration')
-        ax.set_title(group)
-        if all(np.all(np.asarray(p, float)[:, 1] > 0) for p in series.values() if p):
-            ax.set_yscale('log')
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
+        ax.set_yscale('log')
+        ax.set_title(group + (f" (not shown, <= 0: {', '.join(left_out)})" if left_out else ''), fontsize=9)
+        if ax.lines:
+            ax.legend(fontsize=6, loc='upper left', bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig.suptitle(f"{title}: training losses and validation (log scale)", fontsize=10)
+    fig.tight_layout()
     try:
         return _save(fig, path)
     finally:
