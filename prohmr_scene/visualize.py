@@ -194,31 +194,46 @@ def _to_np(x) -> np.ndarray:
 
 def make_render_hook(dataset_root: str, faces: np.ndarray, output_dir: str, render_step: int = 8,
                      num_samples: int = 1, log=print):
-    """``on_batch`` callback writing a JPG of batch item 0 every ``render_step`` batches (D§5.3)."""
+    """``on_batch`` callback writing a JPG every ``render_step`` batches (D§5.3) of the batch's first item with a
+    joint outside the image (item 0 when every joint is seen: :func:`item_to_render`)."""
     ctx = RenderContext(dataset_root)
 
     def hook(step, batch, output, pred, gt):
         if step % render_step:
             return
+        k = item_to_render(batch, gt['joints'], 1500.0)
         shown = min(num_samples, output['pred_vertices'].shape[1])
-        verts = _to_np(output['pred_vertices'][0, :shown] + output['pred_cam_t_full'][0, :shown, None])
-        write_item0_render(ctx, batch, verts, faces, output_dir, 1500.0, log)
+        verts = _to_np(output['pred_vertices'][k, :shown] + output['pred_cam_t_full'][k, :shown, None])
+        write_item_render(ctx, batch, verts, faces, output_dir, 1500.0, log, index=k)
 
     hook.close = ctx.close
     return hook
 
 
-def write_item0_render(ctx, batch, verts: np.ndarray, faces: np.ndarray, output_dir: str, focal_coeff: float,
-                       log=print) -> str:
-    """Render batch item 0 with its samples' PV-frame ``verts [S, V, 3]`` as rows and write the JPG; returns the path."""
+def item_to_render(batch, gt_joints, focal_coeff: float) -> int:
+    """Index of the first batch item with a GT joint (of 24) projecting outside the image, else 0: the renders show
+    what sampling does for the unseen body parts."""
+    from utils.predictions import in_image
+    focal = _to_np(batch['fx']).reshape(-1) * focal_coeff
+    center = np.stack([_to_np(batch['cam_cx']).reshape(-1), _to_np(batch['cam_cy']).reshape(-1)], axis=-1)
+    inside = in_image(_to_np(gt_joints)[:, :24], focal, center, (egobody.IMAGE_WIDTH, egobody.IMAGE_HEIGHT))
+    cut = np.flatnonzero(~inside.all(axis=1))
+    return int(cut[0]) if len(cut) else 0
+
+
+def write_item_render(ctx, batch, verts: np.ndarray, faces: np.ndarray, output_dir: str, focal_coeff: float,
+                      log=print, index: int = 0) -> str:
+    """Render batch item ``index`` with its samples' PV-frame ``verts [S, V, 3]`` as rows and write the JPG;
+    returns the path."""
     import cv2
     from utils.io import atomic_path
-    imgname = batch['imgname'][0]
-    focal = float(batch['fx'][0]) * focal_coeff
-    intrinsics = (focal, focal, float(batch['cam_cx'][0]), float(batch['cam_cy'][0]))
-    figure = render_prohmr_rows(ctx, imgname, verts, faces, intrinsics, _to_np(batch['box_center'][0]),
-                                float(batch['box_size'][0]), _to_np(batch['transf_kinect2holo'][0]),
-                                _to_np(batch['transf_holo2pv'][0]))
+    k = int(index)
+    imgname = batch['imgname'][k]
+    focal = float(batch['fx'][k]) * focal_coeff
+    intrinsics = (focal, focal, float(batch['cam_cx'][k]), float(batch['cam_cy'][k]))
+    figure = render_prohmr_rows(ctx, imgname, verts, faces, intrinsics, _to_np(batch['box_center'][k]),
+                                float(batch['box_size'][k]), _to_np(batch['transf_kinect2holo'][k]),
+                                _to_np(batch['transf_holo2pv'][k]))
     path = os.path.join(output_dir, render_file_name(imgname))
     with atomic_path(path, suffix='.jpg') as tmp:
         if not cv2.imwrite(tmp, figure):
