@@ -154,15 +154,17 @@ def render_file_name(imgname: str, ext: str = '.jpg') -> str:
 
 def show_open3d(scene_points: np.ndarray, pred_vertices: np.ndarray, faces: np.ndarray,
                 gt_vertices: Optional[np.ndarray] = None, scene_mesh_pv=None, snapshot_path: str = None) -> str:
-    """Open an open3d window (with a display) or save a PNG snapshot (headless) of the scene points, the
-    predicted mesh, the GT mesh (blue) and a 1 m frame, all in the PV frame. Returns what was done."""
+    """Open an open3d window (with a display) or save a PNG snapshot (headless; open3d falls back to EGL) of the
+    scene points, the predicted mesh (red), the GT mesh (blue) and a 1 m frame, all in the PV frame. Returns one
+    line saying what was done."""
     import open3d as o3d
     geoms = [o3d.geometry.TriangleMesh.create_coordinate_frame(size=1.0)]
     pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(scene_points, np.float64)))
+    pcd.paint_uniform_color((0.55, 0.55, 0.55))
     geoms.append(pcd)
     if scene_mesh_pv is not None:
         geoms.append(scene_mesh_pv)
-    for verts, color in ((pred_vertices, None), (gt_vertices, (0.0, 0.0, 1.0))):
+    for verts, color in ((pred_vertices, (0.9, 0.25, 0.2)), (gt_vertices, (0.0, 0.0, 1.0))):
         if verts is None:
             continue
         mesh = o3d.geometry.TriangleMesh(o3d.utility.Vector3dVector(np.asarray(verts, np.float64)),
@@ -173,18 +175,23 @@ def show_open3d(scene_points: np.ndarray, pred_vertices: np.ndarray, faces: np.n
         geoms.append(mesh)
     if os.environ.get('DISPLAY') or os.environ.get('WAYLAND_DISPLAY'):
         o3d.visualization.draw_geometries(geoms)
-        return 'window'
+        return 'shown in an open3d window (closed by the user)'
     vis = o3d.visualization.Visualizer()
-    if not vis.create_window(visible=False):
+    if not vis.create_window(visible=False, width=960, height=540):
         raise RuntimeError("open3d could not open an offscreen window (no display and no EGL/OSMesa support)")
     for geom in geoms:
         vis.add_geometry(geom)
+    view = vis.get_view_control()             # from behind the egocentric camera (PV origin), looking at the body
+    view.set_lookat(np.asarray(pred_vertices, np.float64).mean(axis=0))
+    view.set_front([0.0, -0.35, -1.0])
+    view.set_up([0.0, -1.0, 0.0])
+    view.set_zoom(0.35)
     vis.poll_events()
     vis.update_renderer()
     os.makedirs(os.path.dirname(os.path.abspath(snapshot_path)), exist_ok=True)
     vis.capture_screen_image(snapshot_path, do_render=True)
     vis.destroy_window()
-    return snapshot_path
+    return f'no display: rendered off-screen to {snapshot_path}'
 
 
 
@@ -259,6 +266,6 @@ def make_open3d_hook(dataset_root: str, faces: np.ndarray, snapshot_dir: str, vi
         snapshot = os.path.join(snapshot_dir, render_file_name(imgname, '.png'))
         done = show_open3d(_to_np(batch['scene_pcd_verts_full'][0]), _to_np(pred['vertices'][0]), faces,
                            _to_np(gt['vertices'][0]) if show_gt else None, mesh, snapshot_path=snapshot)
-        log(f"open3d: {done}")
+        log(f"--vis_o3d: {os.path.basename(imgname)}: {done}")
 
     return hook
