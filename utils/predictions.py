@@ -22,8 +22,9 @@ key                  shape / dtype           meaning
 ``focal_px``         [N] float32             focal length in pixels (used for both axes, as the evaluation)
 ``cam_center``       [N, 2] float32          principal point in pixels
 ``image_size``       [2] int                 (width, height) of the full image
-``transf_kinect2holo``, ``transf_holo2pv``   [N, 4, 4] float32: the frame chain (scene -> PV with the recording's
-                                             ``kinect -> scene`` from the dataset; see :func:`utils.egobody.scene_to_pv`)
+``transf_kinect2holo``, ``transf_holo2pv``   [N, 4, 4] float32: the frame chain (scene -> PV with the
+                                             recording's ``kinect -> scene`` from the dataset;
+                                             :func:`utils.egobody.scene_to_pv`)
 ``faces``            [F, 3] int32            SMPL triangles
 ===================  ======================  =================================================================
 

@@ -2,9 +2,9 @@
 
 Everything is shown in the selected frame's PV camera frame (OpenCV axes, so "up" is -y): the scene (its mesh, or the
 scene points within ``crop_radius`` of the GT pelvis), the ground-truth body, every sample in its own colour, the
-joints the camera does not see (GT joint outside the image) as spheres in the sample's colour (GT: white), and the
-egocentric camera as a frustum at the origin showing the input image. A slider picks the frame; checkboxes toggle
-each layer. :func:`write_recording` writes a self-contained HTML file in which viser's client plays the frames back
+joints the camera does not see (GT joint outside the image) as dots in a dark shade of the sample's colour (GT:
+white), and the egocentric camera as a frustum at the origin showing the input image. A slider picks the frame;
+checkboxes toggle each layer. :func:`write_recording` writes a self-contained HTML file in which viser's client plays the frames back
 without Python.
 """
 from __future__ import annotations
@@ -177,7 +177,8 @@ class ResultsViewer:
             scene.add_mesh_simple(f'/samples/{k}/body', pred['vertices'][i, k].astype(np.float32), self.faces,
                                   color=colour, visible=on)
             marks = pred['joints'][i, k][invisible].astype(np.float32) if invisible.any() else np.zeros((0, 3))
-            scene.add_point_cloud(f'/samples/{k}/invisible_joints', marks, colors=colour, point_size=0.06,
+            dark = tuple(int(0.45 * c) for c in colour)            # stands out on the sample's own body
+            scene.add_point_cloud(f'/samples/{k}/invisible_joints', marks, colors=dark, point_size=0.06,
                                   point_shape='circle', visible=on and self.layers['invisible joints'])
         focal = float(pred['focal_px'][i])
         width, height = (int(v) for v in pred['image_size'])
