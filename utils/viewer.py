@@ -4,8 +4,8 @@ Everything is shown in the selected frame's PV camera frame (OpenCV axes, so "up
 scene points within ``crop_radius`` of the GT pelvis), the ground-truth body, every sample in its own colour, the
 joints the camera does not see (GT joint outside the image) as dots in a dark shade of the sample's colour (GT:
 white), and the egocentric camera as a frustum at the origin showing the input image. A slider picks the frame;
-checkboxes toggle each layer. :func:`write_recording` writes a self-contained HTML file in which viser's client plays the frames back
-without Python.
+checkboxes toggle each layer. :func:`write_recording` writes a self-contained HTML file in which viser's client
+plays the frames back without Python.
 """
 from __future__ import annotations
 
