@@ -139,3 +139,12 @@ def test_viewer_draws_every_sample_in_headless_chromium(predictions, tmp_path):
     # the recording plays back with no server at all (viser's client and the scene in one file)
     played = screenshot('file://' + html, str(tmp_path / 'recording.png'))
     assert min(colour_pixels(played, SAMPLE_COLOURS[k]) for k in range(2)) > 300
+
+
+def test_visualize_results_bad_input_is_one_line(tmp_path, capsys):
+    import visualize_results as script
+    assert script.main(['--results', str(tmp_path), '--port', '0']) == 2
+    assert capsys.readouterr().err.strip() == "error: --port must be in 1..65535, got 0"
+    assert script.main(['--results', str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --results: no predictions file")
