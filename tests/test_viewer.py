@@ -148,3 +148,19 @@ def test_visualize_results_bad_input_is_one_line(tmp_path, capsys):
     assert script.main(['--results', str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --results: no predictions file")
+
+
+def test_layer_toggle_from_python_moves_its_checkbox_and_hides_the_nodes(predictions):
+    from utils.viewer import FrameSource, ResultsViewer, start_server
+    pred, root = predictions
+    server = start_server('127.0.0.1', _free_port())
+    try:
+        viewer = ResultsViewer(server, FrameSource(pred, root), 'points')
+        viewer.set_layer('samples', False)
+        assert viewer._boxes['samples'].value is False
+        assert not server.scene.get_handle_by_name('/samples/0/body').visible
+        assert server.scene.get_handle_by_name('/gt/body').visible
+        viewer.set_layer('samples', True)
+        assert viewer._boxes['samples'].value is True and server.scene.get_handle_by_name('/samples/1/body').visible
+    finally:
+        server.stop()

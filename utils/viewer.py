@@ -106,6 +106,7 @@ class ResultsViewer:
         self._scene_name = None
         server.scene.set_up_direction('-y')
         self.info = None
+        self._boxes: Dict[str, object] = {}
         if with_gui:
             self._build_gui()
         self.show_frame(0)
@@ -121,12 +122,19 @@ class ResultsViewer:
             for name in self.layers:
                 box = gui.add_checkbox(name, initial_value=True)
                 box.on_update(lambda event, name=name: self.set_layer(name, bool(event.target.value)))
+                self._boxes[name] = box
         with gui.add_folder('samples'):
             for k in range(self.src.num_samples):
                 box = gui.add_checkbox(f'sample {k}', initial_value=True, hint=f'RGB {SAMPLE_COLOURS[k % 8]}')
                 box.on_update(lambda event, k=k: self.set_sample(k, bool(event.target.value)))
 
     def set_layer(self, name: str, on: bool) -> None:
+        """Show or hide a layer (also from Python: its checkbox follows)."""
+        box = self._boxes.get(name)
+        if box is not None and box.value != on:
+            box.value = on
+        if self.layers[name] == on:
+            return
         self.layers[name] = on
         self.show_frame(self.frame)
 
