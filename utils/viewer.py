@@ -159,7 +159,7 @@ class ResultsViewer:
                                   visible=self.layers['scene'])
             return
         if self._scene_name != name:
-            scene.add_mesh_simple('/scene', verts, faces, color=SCENE_COLOUR, side='double',
+            scene.add_mesh_simple('/scene', verts, faces, color=SCENE_COLOUR, side='front',
                                   wxyz=wxyz, position=position, visible=self.layers['scene'])
             self._scene_name = name
         else:
