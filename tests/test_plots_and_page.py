@@ -67,3 +67,14 @@ def test_demo_page_links_and_marks_unseen_joint_rows(tmp_path):
 def test_demo_page_missing_folder_is_one_line(tmp_path, capsys):
     assert demo_page.main(['--demo', str(tmp_path / 'nothing')]) == 2
     assert "--demo: no folder" in capsys.readouterr().err
+
+
+def test_renders_pick_the_first_frame_with_unseen_joints():
+    from prohmr_scene.visualize import item_to_render
+    joints = np.zeros((3, 24, 3))
+    joints[..., 2] = 2.0                                     # 2 m ahead, on the optical axis: inside the image
+    batch = {'fx': np.full(3, 1.0), 'cam_cx': np.full(3, 960.0), 'cam_cy': np.full(3, 540.0)}
+    assert item_to_render(batch, joints, 1500.0) == 0        # every joint seen: item 0
+    joints[2, 7, 1] = 1.0                                    # an ankle of item 2 at v = 540 + 750 px: below the image
+    joints[1, 20, 0] = -1.5                                  # a wrist of item 1 at u = 960 - 1125 px: left of it
+    assert item_to_render(batch, joints, 1500.0) == 1
