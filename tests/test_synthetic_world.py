@@ -361,3 +361,17 @@ def test_renderer_projection_matches_pinhole():
     expected = W.project(point_cam, K[0], K[1], K[2], K[3])
     np.testing.assert_allclose([xs.mean(), ys.mean()], expected - 0.5, atol=0.6)
     assert depth[depth > 0].min() == pytest.approx(3.0 - 0.05, abs=0.01)
+
+
+def test_make_synthetic_data_prints_the_shares_per_split(synthetic_world):
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), '..', 'make_synthetic_data.py')
+    spec = importlib.util.spec_from_file_location('_make_synthetic_data', path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = script.format_summary(synthetic_world.summary)
+    assert 'joints outside image' in text.splitlines()[0] and 'seated' in text.splitlines()[0]
+    for split in SPLITS:
+        row = next(line for line in text.splitlines() if line.startswith(split + ' '))
+        share = synthetic_world.summary['share_frames_joints_outside_per_split'][split]
+        assert f"{100 * share:.0f}% of frames" in row
