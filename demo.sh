@@ -85,4 +85,12 @@ $PY -m utils.demo_report --out "$OUT/metrics" \
   --run "stage 2 ddpm+COAP=$OUT/results/stage2_ddpm_coap/output_egohmr_demo/metrics.json" \
   --run "GT transl: ddpm=$OUT/results/stage2_gt_ddpm_coap_False/output_egohmr_demo/metrics.json" \
   --run "GT transl: ddpm+COAP=$OUT/results/stage2_gt_ddpm_coap_True/output_egohmr_demo/metrics.json"
-echo "demo finished in $(( $(date +%s) - start )) s; renders under $OUT/render"
+step "9/9 (cont.) viewer recording of the frames with unseen joints, results page"
+if $PY -c 'import viser' 2>/dev/null; then
+  $PY visualize_results.py --results "$OUT/results/stage2_ddpm_coap/output_egohmr_demo" --dataset_root "$ROOT" \
+    --frames invisible --save_recording "$OUT/viewer_recording.html"
+else
+  echo "note: viser is not installed (pip install -r requirements.txt): no viewer recording"
+fi
+$PY -m utils.demo_page --demo "$OUT"
+echo "demo finished in $(( $(date +%s) - start )) s; open $OUT/index.html (metrics, plots, renders, 3D playback)"

@@ -50,10 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def format_summary(summary: dict) -> str:
     """A small human-readable table of a :func:`make_world` summary."""
-    rows = [('split', 'recordings', 'frames')]
+    rows = [('split', 'recordings', 'frames', 'joints outside image', 'seated')]
     for split, frames in summary['frames'].items():
-        rows.append((split, str(len(summary['recordings'][split])), str(frames)))
-    width = [max(len(r[k]) for r in rows) for k in range(3)]
+        rows.append((split, str(len(summary['recordings'][split])), str(frames),
+                     f"{100 * summary['share_frames_joints_outside_per_split'][split]:.0f}% of frames",
+                     f"{100 * summary['share_frames_seated_per_split'][split]:.0f}%"))
+    width = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     lines = ['  '.join(cell.ljust(w) for cell, w in zip(row, width)) for row in rows]
     lines.insert(1, '  '.join('-' * w for w in width))
     scenes = ', '.join(f"{name} ({count} verts)" for name, count in summary['scenes'].items())

@@ -138,6 +138,7 @@ def run(args) -> dict:
     from egohmr.trainer import respacing_of, sampling_method_of
     from egohmr.visualize import make_open3d_hook, make_render_hook
     from utils.io import atomic_json_dump, atomic_pickle_dump
+    from utils.predictions import PredictionRecorder, chain_hooks, stage2_hook, write_predictions
     from utils.run import get_device, seed_everything
 
     if args.save_pred_transl is not None:
@@ -179,6 +180,9 @@ def run(args) -> dict:
                                      args.num_samples if args.render_multi_sample else 1,
                                      focal_coeff=float(cfg.CAM.FX_NORM_COEFF)),
         lambda out: make_open3d_hook(args.dataset_root, faces, out, args.vis_step, args.vis_o3d_gt))
+    recorder = PredictionRecorder('egohmr', faces) if args.save_predictions else None
+    if recorder is not None:
+        hook = chain_hooks(hook, stage2_hook(recorder, float(cfg.CAM.FX_NORM_COEFF)))
     try:
         result = evaluate(model, diffusion, loader, device, num_samples=args.num_samples,
                           method=sampling_method_of(args.timestep_respacing_eval), guidance=guidance,
@@ -198,6 +202,8 @@ def run(args) -> dict:
     metrics_path = os.path.join(out_dir, 'metrics.json')
     atomic_json_dump(json_safe(record), metrics_path)
     print(f"metrics written to {metrics_path}")
+    if recorder is not None:
+        write_predictions(recorder, out_dir, title=f'stage 2 ({args.timestep_respacing_eval})')
     if args.save_results:
         path = os.path.join(out_dir, f'results_seed_{args.seed}.pkl')
         atomic_pickle_dump(result['results'], path, protocol=2)

@@ -70,6 +70,7 @@ def run(args) -> dict:
     from prohmr_scene.model import ProHMRScene
     from prohmr_scene.visualize import make_open3d_hook, make_render_hook
     from utils.io import atomic_pickle_dump
+    from utils.predictions import PredictionRecorder, chain_hooks, stage1_hook, write_predictions
     from utils.run import get_device, seed_everything, write_metrics
 
     seed_everything(args.seed)
@@ -97,12 +98,17 @@ def run(args) -> dict:
         lambda out: make_render_hook(args.dataset_root, faces, out, args.render_step,
                                      args.num_samples if args.render_multi_sample else 1),
         lambda out: make_open3d_hook(args.dataset_root, faces, out, args.vis_step, args.vis_o3d_gt))
+    recorder = PredictionRecorder('prohmr_scene', faces) if args.save_predictions else None
+    if recorder is not None:
+        hook = chain_hooks(hook, stage1_hook(recorder, float(cfg.CAM.FX_NORM_COEFF)))
     try:
         result = evaluate(model, loader, device, log_freq=args.log_freq, on_batch=hook)
     finally:
         close_hook(hook)
     print(write_metrics(result['metrics'], os.path.join(out_dir, 'metrics.json'),
                        title=f"stage-1 test, {result['num_frames']} frames, checkpoint {args.checkpoint}"))
+    if recorder is not None:
+        write_predictions(recorder, out_dir, title='stage 1')
     pkl = results_path(args.save_pred_transl, out_dir)
     if pkl:
         atomic_pickle_dump({'pred_cam_full_list': result['pred_cam_full']}, pkl)

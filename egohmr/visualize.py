@@ -1,6 +1,7 @@
 """Stage-2 test renders and open3d snapshots, built on the stage-1 helpers in ``prohmr_scene.visualize``.
 
-A render shows batch item 0 every ``render_step`` batches: one row ``[input + box | overlay | body in the scene]`` per
+A render shows, every ``render_step`` batches, the batch's first item with a joint outside the image (item 0
+when none): one row ``[input + box | overlay | body in the scene]`` per
 shown sample (all samples with ``--render_multi_sample``), stacked and halved, written as
 ``<output_dir>/<recording>_<frame>.jpg``. Nothing here imports a renderer until a frame is rendered.
 """
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from prohmr_scene.visualize import RenderContext, make_open3d_hook as _stage1_open3d_hook, write_item0_render
+from prohmr_scene.visualize import RenderContext, item_to_render, write_item_render
+from prohmr_scene.visualize import make_open3d_hook as _stage1_open3d_hook
 
 
 def _to_np(x) -> np.ndarray:
@@ -23,15 +25,17 @@ def posed_vertices_full(samples: dict, batch: dict, index: int, count: int) -> n
 
 def make_render_hook(dataset_root: str, faces: np.ndarray, output_dir: str, render_step: int = 80,
                      num_samples: int = 1, focal_coeff: float = 1500.0, log=print):
-    """``on_batch(step, batch, samples, gt)`` callback writing a JPG of batch item 0 every ``render_step`` batches."""
+    """``on_batch(step, batch, samples, gt)`` callback writing a JPG every ``render_step`` batches of the batch's
+    first item with a joint outside the image (item 0 when none)."""
     ctx = RenderContext(dataset_root)
 
     def hook(step, batch, samples, gt):
         if step % render_step:
             return
+        k = item_to_render(batch, gt['joints'], focal_coeff)
         shown = min(num_samples, samples['vertices'].shape[1])
-        write_item0_render(ctx, batch, posed_vertices_full(samples, batch, 0, shown), faces, output_dir,
-                           focal_coeff, log)
+        write_item_render(ctx, batch, posed_vertices_full(samples, batch, k, shown), faces, output_dir,
+                          focal_coeff, log, index=k)
 
     hook.close = ctx.close
     return hook

@@ -13,11 +13,12 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from utils import egobody
+from utils.camera import IMAGE_SIZE
 from utils.io import load_json
 
 BOX_COLOR_BGR = (0, 255, 0)
 BOX_THICKNESS = 3
-KINECT_SIZE = (1920, 1080)
+KINECT_SIZE = IMAGE_SIZE   # the master Kinect colour images are 1920x1080 too
 
 
 def draw_box(image: np.ndarray, center: Sequence[float], size: float) -> np.ndarray:
@@ -154,15 +155,17 @@ def render_file_name(imgname: str, ext: str = '.jpg') -> str:
 
 def show_open3d(scene_points: np.ndarray, pred_vertices: np.ndarray, faces: np.ndarray,
                 gt_vertices: Optional[np.ndarray] = None, scene_mesh_pv=None, snapshot_path: str = None) -> str:
-    """Open an open3d window (with a display) or save a PNG snapshot (headless) of the scene points, the
-    predicted mesh, the GT mesh (blue) and a 1 m frame, all in the PV frame. Returns what was done."""
+    """Open an open3d window (with a display) or save a PNG snapshot (headless; open3d falls back to EGL) of the
+    scene points, the predicted mesh (red), the GT mesh (blue) and a 1 m frame, all in the PV frame. Returns one
+    line saying what was done."""
     import open3d as o3d
     geoms = [o3d.geometry.TriangleMesh.create_coordinate_frame(size=1.0)]
     pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(scene_points, np.float64)))
+    pcd.paint_uniform_color((0.55, 0.55, 0.55))
     geoms.append(pcd)
     if scene_mesh_pv is not None:
         geoms.append(scene_mesh_pv)
-    for verts, color in ((pred_vertices, None), (gt_vertices, (0.0, 0.0, 1.0))):
+    for verts, color in ((pred_vertices, (0.9, 0.25, 0.2)), (gt_vertices, (0.0, 0.0, 1.0))):
         if verts is None:
             continue
         mesh = o3d.geometry.TriangleMesh(o3d.utility.Vector3dVector(np.asarray(verts, np.float64)),
@@ -173,18 +176,23 @@ def show_open3d(scene_points: np.ndarray, pred_vertices: np.ndarray, faces: np.n
         geoms.append(mesh)
     if os.environ.get('DISPLAY') or os.environ.get('WAYLAND_DISPLAY'):
         o3d.visualization.draw_geometries(geoms)
-        return 'window'
+        return 'shown in an open3d window (closed by the user)'
     vis = o3d.visualization.Visualizer()
-    if not vis.create_window(visible=False):
+    if not vis.create_window(visible=False, width=960, height=540):
         raise RuntimeError("open3d could not open an offscreen window (no display and no EGL/OSMesa support)")
     for geom in geoms:
         vis.add_geometry(geom)
+    view = vis.get_view_control()             # from behind the egocentric camera (PV origin), looking at the body
+    view.set_lookat(np.asarray(pred_vertices, np.float64).mean(axis=0))
+    view.set_front([0.0, -0.35, -1.0])
+    view.set_up([0.0, -1.0, 0.0])
+    view.set_zoom(0.35)
     vis.poll_events()
     vis.update_renderer()
     os.makedirs(os.path.dirname(os.path.abspath(snapshot_path)), exist_ok=True)
     vis.capture_screen_image(snapshot_path, do_render=True)
     vis.destroy_window()
-    return snapshot_path
+    return f'no display: rendered off-screen to {snapshot_path}'
 
 
 
@@ -194,31 +202,46 @@ def _to_np(x) -> np.ndarray:
 
 def make_render_hook(dataset_root: str, faces: np.ndarray, output_dir: str, render_step: int = 8,
                      num_samples: int = 1, log=print):
-    """``on_batch`` callback writing a JPG of batch item 0 every ``render_step`` batches."""
+    """``on_batch`` callback writing a JPG every ``render_step`` batches of the batch's first item with a
+    joint outside the image (item 0 when every joint is seen: :func:`item_to_render`)."""
     ctx = RenderContext(dataset_root)
 
     def hook(step, batch, output, pred, gt):
         if step % render_step:
             return
+        k = item_to_render(batch, gt['joints'], 1500.0)
         shown = min(num_samples, output['pred_vertices'].shape[1])
-        verts = _to_np(output['pred_vertices'][0, :shown] + output['pred_cam_t_full'][0, :shown, None])
-        write_item0_render(ctx, batch, verts, faces, output_dir, 1500.0, log)
+        verts = _to_np(output['pred_vertices'][k, :shown] + output['pred_cam_t_full'][k, :shown, None])
+        write_item_render(ctx, batch, verts, faces, output_dir, 1500.0, log, index=k)
 
     hook.close = ctx.close
     return hook
 
 
-def write_item0_render(ctx, batch, verts: np.ndarray, faces: np.ndarray, output_dir: str, focal_coeff: float,
-                       log=print) -> str:
-    """Render batch item 0 with its samples' PV-frame ``verts [S, V, 3]`` as rows and write the JPG; returns the path."""
+def item_to_render(batch, gt_joints, focal_coeff: float) -> int:
+    """Index of the first batch item with a GT joint (of 24) projecting outside the image, else 0: the renders show
+    what sampling does for the unseen body parts."""
+    from utils.predictions import in_image
+    focal = _to_np(batch['fx']).reshape(-1) * focal_coeff
+    center = np.stack([_to_np(batch['cam_cx']).reshape(-1), _to_np(batch['cam_cy']).reshape(-1)], axis=-1)
+    inside = in_image(_to_np(gt_joints)[:, :24], focal, center, IMAGE_SIZE)
+    cut = np.flatnonzero(~inside.all(axis=1))
+    return int(cut[0]) if len(cut) else 0
+
+
+def write_item_render(ctx, batch, verts: np.ndarray, faces: np.ndarray, output_dir: str, focal_coeff: float,
+                      log=print, index: int = 0) -> str:
+    """Render batch item ``index`` with its samples' PV-frame ``verts [S, V, 3]`` as rows and write the JPG;
+    returns the path."""
     import cv2
     from utils.io import atomic_path
-    imgname = batch['imgname'][0]
-    focal = float(batch['fx'][0]) * focal_coeff
-    intrinsics = (focal, focal, float(batch['cam_cx'][0]), float(batch['cam_cy'][0]))
-    figure = render_prohmr_rows(ctx, imgname, verts, faces, intrinsics, _to_np(batch['box_center'][0]),
-                                float(batch['box_size'][0]), _to_np(batch['transf_kinect2holo'][0]),
-                                _to_np(batch['transf_holo2pv'][0]))
+    k = int(index)
+    imgname = batch['imgname'][k]
+    focal = float(batch['fx'][k]) * focal_coeff
+    intrinsics = (focal, focal, float(batch['cam_cx'][k]), float(batch['cam_cy'][k]))
+    figure = render_prohmr_rows(ctx, imgname, verts, faces, intrinsics, _to_np(batch['box_center'][k]),
+                                float(batch['box_size'][k]), _to_np(batch['transf_kinect2holo'][k]),
+                                _to_np(batch['transf_holo2pv'][k]))
     path = os.path.join(output_dir, render_file_name(imgname))
     with atomic_path(path, suffix='.jpg') as tmp:
         if not cv2.imwrite(tmp, figure):
@@ -244,6 +267,6 @@ def make_open3d_hook(dataset_root: str, faces: np.ndarray, snapshot_dir: str, vi
         snapshot = os.path.join(snapshot_dir, render_file_name(imgname, '.png'))
         done = show_open3d(_to_np(batch['scene_pcd_verts_full'][0]), _to_np(pred['vertices'][0]), faces,
                            _to_np(gt['vertices'][0]) if show_gt else None, mesh, snapshot_path=snapshot)
-        log(f"open3d: {done}")
+        log(f"--vis_o3d: {os.path.basename(imgname)}: {done}")
 
     return hook

@@ -48,6 +48,7 @@ SITTING_REGION_JOINTS = (0, 1, 2)             # vertices skinned mostly to the p
 MAX_BODY_TRIES = 40           # bodies (pose kind + placement) per recording
 MAX_PLACEMENT_TRIES = 20      # placements per body
 MAX_CAMERA_TRIES = 25
+CUT_SHARE = 0.35              # per split, at least this share of recordings (>= 1) are framed with joints cut off
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,16 +292,21 @@ def _place_sitting(room: Room, rng, models: BodyModels, gender, betas, n_frames)
 
 
 def place_body(room: Room, rng: np.random.Generator, models: BodyModels, gender: str, betas: np.ndarray,
-               n_frames: int, scene_vertices: Optional[np.ndarray] = None) -> Optional[BodyTrack]:
+               n_frames: int, scene_vertices: Optional[np.ndarray] = None,
+               force_kind: Optional[str] = None) -> Optional[BodyTrack]:
     """Draw a pose kind and place the body; retries, then tries standing; None if nothing fits.
 
     With ``scene_vertices``, placements where a stage-2 crop around the body could keep fewer than
-    ``S2_MIN_VERTICES`` scene vertices (checked on the first, middle and last frame) are redrawn."""
+    ``S2_MIN_VERTICES`` scene vertices (checked on the first, middle and last frame) are redrawn. ``force_kind``
+    replaces the drawn kind (the draw still happens, so the random stream stays aligned) and is never given up
+    for standing."""
     kinds = [k for k in POSE_KINDS if k in KIND_PROBS and (k != 'sit' or room.seats())]
     probs = np.array([KIND_PROBS[k] for k in kinds])
     kind = kinds[int(rng.choice(len(kinds), p=probs / probs.sum()))]   # keep the kind: retries only move the body
+    if force_kind is not None:
+        kind = force_kind
     for attempt in range(MAX_PLACEMENT_TRIES):
-        if attempt == MAX_PLACEMENT_TRIES // 2:
+        if attempt == MAX_PLACEMENT_TRIES // 2 and force_kind is None:
             kind = 'stand'
         track = (_place_sitting(room, rng, models, gender, betas, n_frames) if kind == 'sit'
                  else _place_standing(room, rng, models, gender, betas, kind, n_frames))
@@ -327,15 +333,21 @@ def _keypoints(joints_pv: np.ndarray, fx: float, cx: float, cy: float, size: Tup
 
 
 def plan_camera(room: Room, rng: np.random.Generator, body: BodyTrack, size: Tuple[int, int],
-                scene_vertices: np.ndarray) -> Optional[CameraTrack]:
+                scene_vertices: np.ndarray, cut: bool = False) -> Optional[CameraTrack]:
     """A smooth HoloLens PV trajectory looking at the body from 1-3 m at head height, or None if this draw
-    breaks a constraint (camera in furniture, body hidden / too small / off-screen, too few scene vertices ahead)."""
+    breaks a constraint (camera in furniture, body hidden / too small / off-screen, too few scene vertices ahead).
+
+    ``cut``: the EgoBody close-up framing -- the wearer stands 1-1.8 m away and looks at the upper body, and every
+    frame must have at least one of the 24 SMPL joints outside the image (legs or arms cut by the border). The
+    same random numbers are drawn either way, only mapped to other ranges."""
     n = len(body.transl_scene)
     width, height = size
     sx, sy = width / DEFAULT_IMAGE_SIZE[0], height / DEFAULT_IMAGE_SIZE[1]
     pelvis, head = body.joints[:, 0], body.joints[:, 15]
     # where the camera wearer stands: in front of the body, within +-40 deg of its facing direction
     dist = rng.uniform(1.4, 3.2)
+    if cut:
+        dist = 1.0 + (dist - 1.4) * 0.8 / 1.8
     angle = rng.uniform(-0.7, 0.7)
     c, s = math.cos(angle), math.sin(angle)
     direction = np.array([c * body.facing[0] + s * body.facing[2], 0.0, -s * body.facing[0] + c * body.facing[2]])
@@ -352,7 +364,8 @@ def plan_camera(room: Room, rng: np.random.Generator, body: BodyTrack, size: Tup
     # gaze: the middle of the body's joints, shifted up or down by up to a quarter of its height, plus slow jitter
     low, high = body.joints[:, :24, 1].min(axis=1), body.joints[:, :24, 1].max(axis=1)
     target = body.joints[:, :24].mean(axis=1)
-    target[:, 1] = (low + high) / 2 + rng.uniform(-0.25, 0.25) * (high - low)
+    shift = rng.uniform(-0.25, 0.25)
+    target[:, 1] = (low + high) / 2 + ((0.35 + shift / 2) if cut else shift) * (high - low)
     phase = rng.uniform(0, 2 * math.pi, 3)
     rate = rng.uniform(0.05, 0.25, 3)
     frames = np.arange(n)
@@ -376,12 +389,34 @@ def plan_camera(room: Room, rng: np.random.Generator, body: BodyTrack, size: Tup
         uv, inside = _keypoints(joints_pv, fx[i], cx, cy, size)
         if inside.sum() < MIN_VISIBLE_KEYPOINTS:
             return None
+        if cut and joints_inside_image(joints_pv[:24], fx[i], cx, cy, size).all():
+            return None
         box = uv[inside].max(axis=0) - uv[inside].min(axis=0)
         if box.max() < 0.1 * height:
             return None
         if (scene_vertices @ scene_to_pv[2, :3] + scene_to_pv[2, 3] > 0).sum() < S1_MIN_VERTICES:
             return None
     return CameraTrack(poses, fx, fy, float(cx), float(cy))
+
+
+def joints_inside_image(joints_pv: np.ndarray, fx: float, cx: float, cy: float,
+                        size: Tuple[int, int]) -> np.ndarray:
+    """``[J]`` bool: in front of the camera and projecting inside the image (fx for both axes, as the evaluation)."""
+    uv = project(joints_pv, fx, fx, cx, cy)
+    return (joints_pv[:, 2] > 0) & (uv[:, 0] >= 0) & (uv[:, 0] < size[0]) & (uv[:, 1] >= 0) & (uv[:, 1] < size[1])
+
+
+def framing_plan(split_of: Sequence[str]) -> Tuple[List[bool], List[bool]]:
+    """(cut, seated) flags per recording: in every split the first ``max(1, ceil(CUT_SHARE * n))`` recordings are
+    framed with joints outside the image and the last one is seated (the same one when the split has one)."""
+    cut, seated = [False] * len(split_of), [False] * len(split_of)
+    for split in SPLITS:
+        members = [r for r, s in enumerate(split_of) if s == split]
+        for r in members[:max(1, math.ceil(CUT_SHARE * len(members)))]:
+            cut[r] = True
+        if members:
+            seated[members[-1]] = True
+    return cut, seated
 
 
 def cube_crop_min_count(scene_vertices: np.ndarray, body_verts: np.ndarray, size: float = 2.0,
@@ -537,6 +572,7 @@ def plan_world(data_dir: str, num_recordings: int = 6, frames_per_recording: int
         dense[name] = rooms[name].dense_mesh()
     scene_names = list(rooms)
     split_of = assign_splits(num_recordings, splits, np.random.default_rng([seed, 2]))
+    cut_of, seated_of = framing_plan(split_of)
     models = BodyModels(data_dir)
     recordings = []
     for r in range(num_recordings):
@@ -546,13 +582,14 @@ def plan_world(data_dir: str, num_recordings: int = 6, frames_per_recording: int
         name, date, start_frame = _recording_meta(rng, r)
         gender = ('male', 'female')[int(rng.integers(2))]
         betas = sample_betas(rng, 1)[0]
-        for _ in range(MAX_BODY_TRIES):
-            body = place_body(room, rng, models, gender, betas, n_frames, dense[scene][0])
+        for attempt in range(MAX_BODY_TRIES):
+            force = 'sit' if seated_of[r] and attempt < MAX_BODY_TRIES // 2 else None
+            body = place_body(room, rng, models, gender, betas, n_frames, dense[scene][0], force_kind=force)
             camera = None
             if body is None:
                 continue
             for _ in range(MAX_CAMERA_TRIES):
-                camera = plan_camera(room, rng, body, size, dense[scene][0])
+                camera = plan_camera(room, rng, body, size, dense[scene][0], cut=cut_of[r])
                 if camera is not None:
                     break
             if camera is not None:
@@ -675,18 +712,27 @@ def write_world(plan: WorldPlan, root: str, models: BodyModels, render: bool = T
         _render_images(plan, root, models, render_scale)
 
 
-def outside_share(plan: WorldPlan) -> float:
-    """Share of frames with at least one of the 24 SMPL joints projecting outside the image (fx for both axes)."""
-    outside = []
-    for rec in plan.recordings:
+def _outside_flags(plan: WorldPlan, recordings) -> List[bool]:
+    flags = []
+    for rec in recordings:
         a = rec.annotation
         for i in range(len(rec.timestamps)):
-            joints = a['3d_joints_pv'][i, :24]
-            uv = project(joints, a['fx'][i], a['fx'][i], a['cx'][i], a['cy'][i])
-            ok = (joints[:, 2] > 0) & (uv[:, 0] >= 0) & (uv[:, 0] < plan.image_size[0]) & \
-                (uv[:, 1] >= 0) & (uv[:, 1] < plan.image_size[1])
-            outside.append(not ok.all())
-    return float(np.mean(outside))
+            inside = joints_inside_image(a['3d_joints_pv'][i, :24], a['fx'][i], a['cx'][i], a['cy'][i],
+                                         plan.image_size)
+            flags.append(not inside.all())
+    return flags
+
+
+def outside_share(plan: WorldPlan, split: Optional[str] = None) -> float:
+    """Share of frames (of ``split``, or all) with at least one of the 24 SMPL joints projecting outside the image
+    (fx for both axes)."""
+    return float(np.mean(_outside_flags(plan, [r for r in plan.recordings if split in (None, r.split)])))
+
+
+def seated_share(plan: WorldPlan, split: Optional[str] = None) -> float:
+    """Share of frames (of ``split``, or all) whose body sits on a piece of furniture."""
+    recs = [r for r in plan.recordings if split in (None, r.split)]
+    return float(sum(len(r.timestamps) for r in recs if r.body.kind == 'sit') / sum(len(r.timestamps) for r in recs))
 
 
 def make_world(out_dir: str, num_recordings: int = 6, frames_per_recording: int = 20, seed: int = 0,
@@ -720,6 +766,8 @@ def make_world(out_dir: str, num_recordings: int = 6, frames_per_recording: int 
         'scenes': {name: int(len(plan.dense[name][0])) for name in plan.rooms},
         'frames_per_pose_kind': kinds,
         'share_frames_joints_outside': outside_share(plan),
+        'share_frames_joints_outside_per_split': {s: outside_share(plan, s) for s in SPLITS},
+        'share_frames_seated_per_split': {s: seated_share(plan, s) for s in SPLITS},
         'image_size': list(plan.image_size),
         'seed': int(seed),
         'elapsed_s': round(time.time() - started, 1),

@@ -44,6 +44,23 @@ def test_demo_writes_finite_metrics_for_every_run(tiny_demo):
     assert 'g_mpjpe' in table['metrics'] and 'collision_ratio' in table['metrics']
     assert os.path.isfile(os.path.join(out, 'metrics.md'))
     assert '| metric' in stdout
+    # the world's test split has joints outside the image, so the unseen-joint columns are numbers
+    for key in ('mpjpe_invis', 'mpjpe_invis_min_of_n', 'g_mpjpe_invis'):
+        stage2 = [v for run, v in table['metrics'][key].items() if run.startswith('stage 2')]
+        assert stage2 and all(v is not None and math.isfinite(v) for v in stage2), (key, table['metrics'][key])
+
+
+def test_demo_page_links_every_picture(tiny_demo):
+    out, _ = tiny_demo
+    import re
+    page = open(os.path.join(out, 'index.html')).read()
+    links = set(re.findall(r'(?:src|href)="([^"]+)"', page))
+    assert links and all(os.path.isfile(os.path.join(out, link)) for link in links), links
+    kinds = {os.path.basename(link) for link in links}
+    assert {'per_joint_errors.png', 'curves.png'} <= kinds and any(k.endswith('.jpg') for k in kinds)
+    assert 'class="invis"' in page
+    for run in ('output_prohmr_scene_demo', 'stage2_ddim5'):
+        assert any(run in link and link.endswith('per_joint_errors.png') for link in links), run
 
 
 def test_collision_guidance_lowers_the_collision_ratio(tiny_demo):

@@ -397,6 +397,9 @@ def test_train_then_test_end_to_end(s1_world, tmp_path):
     run_dir = os.path.join(runs, 'e2e')
     assert {'best_model.pt', 'last_model.pt', 'params.json', 'prohmr.yaml'} <= set(os.listdir(run_dir))
     assert any(name.startswith('events.out.tfevents') for name in os.listdir(run_dir))
+    curves = json.load(open(os.path.join(run_dir, 'curves.json')))    # what curves.png shows
+    assert [step for step, _ in curves['train']['loss']] == [1, 2] and [s for s, _ in curves['val']['loss']] == [2]
+    assert open(os.path.join(run_dir, 'curves.png'), 'rb').read(4) == b'\x89PNG'
     state = torch.load(os.path.join(run_dir, 'best_model.pt'), weights_only=False)['state_dict']
     assert bool(state['initialized']) and bool(state['flow.flow._transform._transforms.0.initialized'])
 
@@ -427,3 +430,19 @@ def test_train_then_test_end_to_end(s1_world, tmp_path):
     npz = np.load(os.path.join(s1_world.root, 'annotation_egocentric_smpl_npz', 'egocapture_test_smpl.npz'))
     assert results['pred_cam_full_list'].dtype == np.float32
     assert results['pred_cam_full_list'].shape == (len(npz['imgname']), 3)
+    # every sample of every frame, in test order (utils/predictions.py), and the per-joint plot beside it
+    from utils.predictions import load_predictions
+    pred = load_predictions(out_dir)
+    n = len(npz['imgname'])
+    assert str(pred['stage']) == 'prohmr_scene' and list(pred['imgname']) == [str(v) for v in npz['imgname']]
+    assert pred['joints'].shape == (n, 2, 24, 3) and pred['vertices'].shape == (n, 2, 6890, 3)
+    np.testing.assert_allclose(pred['transl'][:, 0], results['pred_cam_full_list'], atol=1e-5)   # sample 0: mode
+    np.testing.assert_allclose(pred['gt_joints'], npz['3d_joints_pv'][:, :24], atol=1e-3)
+    u = npz['fx'][:, None] * npz['3d_joints_pv'][:, :24, 0] / npz['3d_joints_pv'][:, :24, 2] + npz['cx'][:, None]
+    v = npz['fx'][:, None] * npz['3d_joints_pv'][:, :24, 1] / npz['3d_joints_pv'][:, :24, 2] + npz['cy'][:, None]
+    np.testing.assert_array_equal(pred['vis_mask'], (u >= 0) & (u < 1920) & (v >= 0) & (v < 1080))
+    assert (~pred['vis_mask']).any()                        # the world guarantees cut frames in the test split
+    verts = pred['vertices'].astype(np.float32)         # joints and vertices carry the same translation
+    assert np.all(verts.min(axis=2) < pred['joints'][:, :, 0]) and np.all(pred['joints'][:, :, 0] < verts.max(axis=2))
+    png = open(os.path.join(out_dir, 'per_joint_errors.png'), 'rb').read(8)
+    assert png == b'\x89PNG\r\n\x1a\n'

@@ -240,6 +240,46 @@ def test_summary_share_outside(synthetic_world, annotations):
         v = ann['fx'][:, None] * j[..., 1] / j[..., 2] + ann['cy'][:, None]
         outside += list(~np.all((u >= 0) & (u < 1920) & (v >= 0) & (v < 1080), axis=1))
     assert synthetic_world.summary['share_frames_joints_outside'] == pytest.approx(np.mean(outside))
+    for split, ann in annotations.items():     # per split, from the files, against the summary
+        j = ann['3d_joints_pv'][:, :24]
+        u = ann['fx'][:, None] * j[..., 0] / j[..., 2] + ann['cx'][:, None]
+        v = ann['fx'][:, None] * j[..., 1] / j[..., 2] + ann['cy'][:, None]
+        share = np.mean(~np.all((u >= 0) & (u < 1920) & (v >= 0) & (v < 1080), axis=1))
+        assert synthetic_world.summary['share_frames_joints_outside_per_split'][split] == pytest.approx(share)
+
+
+def _demo_sizes():
+    """{size: (recordings, frames, world seed)} as demo.sh sets them for tiny and small."""
+    import re
+    text = open(os.path.join(os.path.dirname(__file__), '..', 'demo.sh')).read()
+    sizes = {}
+    for name in ('tiny', 'small'):
+        line = re.search(rf'^\s*{name}\)(.*);;', text, re.M).group(1)
+        value = {k: int(v) for k, v in re.findall(r'(\w+)=(\d+)', line)}
+        sizes[name] = (value['RECS'], value['FRAMES'], value['WSEED'])
+    return sizes
+
+
+@pytest.mark.parametrize('size', ['tiny', 'small'])
+def test_demo_worlds_have_cut_and_seated_frames_in_every_split(tmp_path, size):
+    """Every split of the demo worlds: >= 30 % of frames with a joint outside the image, and a seated body."""
+    from synthetic.body_model import write_body_model_files
+    recordings, frames, seed = _demo_sizes()[size]
+    write_body_model_files(str(tmp_path), seed=seed)         # as make_world does: the body model follows the seed
+    plan = W.plan_world(str(tmp_path), recordings, frames, seed)
+    for split in SPLITS:
+        assert W.outside_share(plan, split) >= 0.3, split
+        assert W.seated_share(plan, split) > 0, split
+        for rec in plan.recordings:      # a cut frame: some joint outside, yet >= 6 keypoints detected
+            if rec.split == split:
+                assert (rec.annotation['valid_keypoints'][:, :, 2] > 0).sum(axis=1).min() >= W.MIN_VISIBLE_KEYPOINTS
+
+
+def test_framing_plan_covers_every_split():
+    split_of = ['train'] * 7 + ['val', 'test', 'test']
+    cut, seated = W.framing_plan(split_of)
+    assert sum(cut[:7]) == 3 and cut[7] and sum(cut[8:]) == 1
+    assert seated[6] and seated[7] and seated[9] and sum(seated) == 3
 
 
 # ------------------------------------------------------------------------------------------ small unit tests
@@ -325,3 +365,17 @@ def test_renderer_projection_matches_pinhole():
     expected = W.project(point_cam, K[0], K[1], K[2], K[3])
     np.testing.assert_allclose([xs.mean(), ys.mean()], expected - 0.5, atol=0.6)
     assert depth[depth > 0].min() == pytest.approx(3.0 - 0.05, abs=0.01)
+
+
+def test_make_synthetic_data_prints_the_shares_per_split(synthetic_world):
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), '..', 'make_synthetic_data.py')
+    spec = importlib.util.spec_from_file_location('_make_synthetic_data', path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = script.format_summary(synthetic_world.summary)
+    assert 'joints outside image' in text.splitlines()[0] and 'seated' in text.splitlines()[0]
+    for split in SPLITS:
+        row = next(line for line in text.splitlines() if line.startswith(split + ' '))
+        share = synthetic_world.summary['share_frames_joints_outside_per_split'][split]
+        assert f"{100 * share:.0f}% of frames" in row

@@ -85,7 +85,11 @@ def add_test_flags(p: argparse.ArgumentParser, checkpoint: str, batch_size: int,
     p.add_argument('--render', type=str2bool, default=False, help='write JPG renders under --output_render_root')
     p.add_argument('--render_multi_sample', type=str2bool, default=True, help='render every sample, not only one')
     p.add_argument('--output_render_root', default='output_render', help='folder for --render output')
-    p.add_argument('--render_step', type=int, default=render_step, help='render batch item 0 every N batches')
+    p.add_argument('--render_step', type=int, default=render_step,
+                   help='render every N batches (the first item with joints outside the image, else item 0)')
+    p.add_argument('--save_predictions', type=str2bool, default=True,
+                   help='write predictions.npz (every sample of every frame, ~40 KB per sample and frame: pass '
+                        'False for large test sets) and per_joint_errors.png beside metrics.json')
     p.add_argument('--vis_o3d', type=str2bool, default=False,
                    help='open3d viewer (a PNG snapshot when there is no display)')
     p.add_argument('--vis_o3d_gt', type=str2bool, default=False, help='also show the GT body in the open3d view')

@@ -209,14 +209,43 @@ def check_finite_losses(losses: dict) -> None:
                                  "the weights saved so far are kept (check the inputs or lower the learning rate)")
 
 
-def open_summary_writer(run_dir: str, logger):
-    """A TensorBoard writer for ``run_dir``, or None (with a logged note) when tensorboard is unavailable."""
+class CurvesWriter:
+    """Forwards scalars to TensorBoard (when installed) and keeps them; ``close()`` writes ``curves.json`` and the
+    loss / validation curves ``curves.png`` (matplotlib, where installed) into the run folder."""
+
+    def __init__(self, run_dir: str, tensorboard=None, logger=None):
+        self.run_dir, self.tensorboard, self.logger = run_dir, tensorboard, logger
+        self.curves: dict = {}
+
+    def add_scalar(self, tag: str, value, step: int) -> None:
+        group, _, name = tag.partition('/')
+        self.curves.setdefault(group, {}).setdefault(name or group, []).append([int(step), float(value)])
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if not self.curves:
+            return
+        from utils.plots import curves_figure, matplotlib_missing
+        atomic_json_dump(self.curves, os.path.join(self.run_dir, 'curves.json'))
+        missing = matplotlib_missing()
+        path = None if missing else curves_figure(self.curves, os.path.join(self.run_dir, 'curves.png'),
+                                                  title=os.path.basename(self.run_dir.rstrip(os.sep)))
+        if self.logger is not None:
+            self.logger.info(f"loss / validation curves written to {path}" if path else f"note: {missing}")
+
+
+def open_summary_writer(run_dir: str, logger) -> CurvesWriter:
+    """A :class:`CurvesWriter` for ``run_dir``: TensorBoard events (noted in the log when tensorboard is
+    unavailable) and, at ``close()``, ``curves.json`` / ``curves.png``."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception as exc:  # tensorboard not installed
         logger.info(f"tensorboard unavailable ({type(exc).__name__}: {exc}); scalars are only logged as text")
-        return None
-    return SummaryWriter(log_dir=run_dir)
+        return CurvesWriter(run_dir, None, logger)
+    return CurvesWriter(run_dir, SummaryWriter(log_dir=run_dir), logger)
 
 
 def log_scalars(writer, prefix: str, values: dict, step: int) -> None:
