@@ -68,7 +68,8 @@ def run(args) -> dict:
     from prohmr_scene.checkpoints import load_stage1_checkpoint
     from prohmr_scene.evaluate import evaluate
     from prohmr_scene.model import ProHMRScene
-    from prohmr_scene.visualize import make_open3d_hook, make_render_hook
+    from prohmr_scene.visualize import make_render_hook
+    from utils.render_views import make_open3d_hook
     from utils.io import atomic_pickle_dump
     from utils.predictions import PredictionRecorder, chain_hooks, stage1_hook, write_predictions
     from utils.run import get_device, seed_everything, write_metrics

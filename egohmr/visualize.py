@@ -1,4 +1,4 @@
-"""Stage-2 test renders and open3d snapshots, built on the stage-1 helpers in ``prohmr_scene.visualize``.
+"""Stage-2 test renders and open3d snapshots, built on the shared views of ``utils.render_views``.
 
 A render shows, every ``render_step`` batches, the batch's first item with a joint outside the image (item 0
 when none): one row ``[input + box | overlay | body in the scene]`` per
@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from prohmr_scene.visualize import RenderContext, item_to_render, write_item_render
-from prohmr_scene.visualize import make_open3d_hook as _stage1_open3d_hook
-
-
-def _to_np(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if hasattr(x, 'detach') else np.asarray(x)
+from utils.render_views import RenderContext, item_to_render, write_item_render
+from utils.render_views import make_open3d_hook as _views_open3d_hook
+from utils.tensors import to_numpy
 
 
 def posed_vertices_full(samples: dict, batch: dict, index: int, count: int) -> np.ndarray:
     """PV-frame vertices ``[count, V, 3]`` of item ``index``: SMPL vertices plus the model's input translation."""
     verts = samples['vertices'][index, :count]
-    return _to_np(verts + batch['smpl_params']['transl'][index][None, None, :])
+    return to_numpy(verts + batch['smpl_params']['transl'][index][None, None, :])
 
 
 def make_render_hook(dataset_root: str, faces: np.ndarray, output_dir: str, render_step: int = 80,
@@ -44,7 +41,7 @@ def make_render_hook(dataset_root: str, faces: np.ndarray, output_dir: str, rend
 def make_open3d_hook(dataset_root: str, faces: np.ndarray, snapshot_dir: str, vis_step: int = 8,
                      show_gt: bool = False, log=print):
     """``on_batch`` callback showing item 0 (first sample, PV frame) with the scene in open3d (PNG when headless)."""
-    stage1_hook = _stage1_open3d_hook(dataset_root, faces, snapshot_dir, vis_step, show_gt, log)
+    stage1_hook = _views_open3d_hook(dataset_root, faces, snapshot_dir, vis_step, show_gt, log)
 
     def hook(step, batch, samples, gt):
         pred = {'vertices': posed_vertices_full(samples, batch, 0, 1)[None, 0]}

@@ -31,12 +31,13 @@ from scipy.spatial.transform import Rotation
 from synthetic.poses import POSE_KINDS, sample_betas, sample_poses
 from synthetic.scenes import ROOM_STYLES, Room, make_room, write_obj
 from utils.body_model import SMPL_TO_OPENPOSE, create_smpl
+from utils.camera import IMAGE_SIZE
 from utils.egobody import (DATA_INFO_CSV, KINECT_COLOR_JSON, NPZ_FOLDER, SPLITS, TRANSF_PKL, kinect_to_scene_path,
                            scene_mesh_path)
 from utils.geometry import ADD_TRANS, transform_points
 from utils.io import atomic_json_dump, atomic_np_savez, atomic_path, atomic_pickle_dump, atomic_text_write
 
-DEFAULT_IMAGE_SIZE = (1920, 1080)
+DEFAULT_IMAGE_SIZE = IMAGE_SIZE   # EgoBody's PV image size
 DEFAULT_SPLITS = (0.6, 0.2, 0.2)              # train / val / test share of the recordings
 KIND_PROBS = {'stand': 0.2, 'walk': 0.15, 'sit': 0.35, 'reach': 0.15, 'bend': 0.15}
 S1_MIN_VERTICES = 20000                       # the stage-1 preprocessing needs this many scene vertices with z > 0
@@ -323,7 +324,8 @@ def place_body(room: Room, rng: np.random.Generator, models: BodyModels, gender:
 # Cameras
 # ----------------------------------------------------------------------------------------------------------------
 
-def _keypoints(joints_pv: np.ndarray, fx: float, cx: float, cy: float, size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+def _keypoints(joints_pv: np.ndarray, fx: float, cx: float, cy: float,
+               size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
     """BODY_25 pixels ``[25, 2]`` (projected with fx for both axes, as the EgoHMR code does) and in-image mask."""
     pts = joints_pv[SMPL_TO_OPENPOSE]
     front = pts[:, 2] > 0.05

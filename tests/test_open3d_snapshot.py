@@ -11,7 +11,7 @@ def test_headless_snapshot_shows_the_body(tmp_path, monkeypatch):
     import cv2
     import trimesh
 
-    from prohmr_scene.visualize import show_open3d
+    from utils.render_views import show_open3d
     monkeypatch.delenv('DISPLAY', raising=False)
     monkeypatch.delenv('WAYLAND_DISPLAY', raising=False)
     body = trimesh.creation.icosphere(3, 0.3)

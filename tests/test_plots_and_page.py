@@ -70,7 +70,7 @@ def test_demo_page_missing_folder_is_one_line(tmp_path, capsys):
 
 
 def test_renders_pick_the_first_frame_with_unseen_joints():
-    from prohmr_scene.visualize import item_to_render
+    from utils.render_views import item_to_render
     joints = np.zeros((3, 24, 3))
     joints[..., 2] = 2.0                                     # 2 m ahead, on the optical axis: inside the image
     batch = {'fx': np.full(3, 1.0), 'cam_cx': np.full(3, 960.0), 'cam_cy': np.full(3, 540.0)}
