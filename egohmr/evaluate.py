@@ -19,6 +19,7 @@ import torch
 
 from egohmr import collision
 from egohmr.guidance import SAMPLES_IN_CHAIN_KEY, CollisionGuidance
+from egohmr.model import POSE_ONLY_KEY
 from egohmr.visibility import in_image_mask
 from utils.metrics import masked_procrustes, similarity_procrustes
 
@@ -36,11 +37,12 @@ def tile(x: torch.Tensor, times: int) -> torch.Tensor:
 
 def sampling_batch(batch: Dict, condition: Dict[str, torch.Tensor], times: int) -> Dict:
     """The minimal batch a cached-condition forward needs, tiled ``times`` along the batch dimension; it records
-    that ``times`` samples share the chain (guidance averages over the images of one sample)."""
+    that ``times`` samples share the chain (guidance averages over the images of one sample) and that the steps need
+    only the pose prediction (:data:`egohmr.model.POSE_ONLY_KEY`; :func:`decoded_output` decodes the final one)."""
     return {'fx': tile(batch['fx'], times), 'cam_cx': tile(batch['cam_cx'], times),
             'cam_cy': tile(batch['cam_cy'], times),
             'condition': {k: tile(v, times) for k, v in condition.items()},
-            SAMPLES_IN_CHAIN_KEY: times}
+            SAMPLES_IN_CHAIN_KEY: times, POSE_ONLY_KEY: True}
 
 
 def untile(x: torch.Tensor, times: int) -> torch.Tensor:
@@ -78,7 +80,7 @@ def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 
         chain_batch = sampling_batch(batch, condition, times)
         result = diffusion.sample(model.denoise, (times * bs, 6 * 24), method=method,
                                   model_kwargs={'batch': chain_batch}, guidance=guidance, device=model.device)
-        out = result['model_output']
+        out = decoded_output(model, result, chain_batch)
         if guide_final_step and guidance is not None and method == 'ddpm':
             out = final_guided_prediction(model, guidance, chain_batch, result)
         piece = {'rotmats': out['pred_rotmats'], 'betas': out['pred_smpl_params']['betas'],
@@ -96,6 +98,18 @@ def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 
     if 'collision_ratio' in samples:
         samples['collision_ratio'] = samples['collision_ratio'].numpy()
     return samples
+
+
+def decoded_output(model, result: Dict, batch: Dict) -> Dict:
+    """The last step's model output, decoded to SMPL if the chain ran pose-only: the same tensors the step's full
+    forward returns (it decodes the same ``pred_x_start`` with the same condition)."""
+    out = result['model_output']
+    if 'pred_vertices' in out:
+        return out
+    with torch.no_grad():
+        decoded = model.decode(out['pred_x_start'], out['condition'], batch)
+    decoded.update(vis_mask_smpl=out['vis_mask_smpl'], condition=out['condition'])
+    return decoded
 
 
 def final_guided_prediction(model, guidance: CollisionGuidance, batch: Dict, result: Dict) -> Dict:
