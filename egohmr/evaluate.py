@@ -11,6 +11,7 @@ variants are reported under other names (``apd_joints_standard``, ``pa_mpjpe_vis
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Dict, List, Optional
 
@@ -27,6 +28,7 @@ MM = 1000.0
 CONTACT_SQ_THRESHOLD = 0.02        # the original compares a SQUARED distance (m^2) with 0.02 (~14 cm)
 CONTACT_EUCLID_THRESHOLD = 0.02    # corrected variant: 2 cm Euclidean
 SAMPLING_METHODS = ('ddpm', 'ddim')
+PRECISIONS = ('fp32', 'bf16')
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
@@ -45,6 +47,15 @@ def sampling_batch(batch: Dict, condition: Dict[str, torch.Tensor], times: int) 
             SAMPLES_IN_CHAIN_KEY: times, POSE_ONLY_KEY: True}
 
 
+def sampling_precision(precision: str, device: torch.device):
+    """``'fp32'``: no change; ``'bf16'``: autocast to bfloat16 on the device (CPU: AVX512-BF16 where present)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == 'fp32':
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
 def untile(x: torch.Tensor, times: int) -> torch.Tensor:
     """``[times*bs, ...] -> [bs, times, ...]``."""
     return x.reshape(times, -1, *x.shape[1:]).transpose(0, 1)
@@ -53,7 +64,8 @@ def untile(x: torch.Tensor, times: int) -> torch.Tensor:
 @torch.no_grad()
 def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 'ddpm',
                  guidance: Optional[CollisionGuidance] = None, samples_per_chain: Optional[int] = None,
-                 occupancy_model=None, guide_final_step: bool = False) -> Dict[str, torch.Tensor]:
+                 occupancy_model=None, guide_final_step: bool = False,
+                 precision: str = 'fp32') -> Dict[str, torch.Tensor]:
     """Draw ``num_samples`` poses per frame with full reverse chains; returns ``[bs, S, ...]`` tensors.
 
     Keys: ``global_orient [bs,S,1,3,3]``, ``body_pose [bs,S,23,3,3]``, ``betas [bs,S,10]``, ``rotmats``,
@@ -63,13 +75,20 @@ def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 
     discards it; ``guide_final_step`` applies it instead (:meth:`CollisionGuidance.final_step`).
     ``guidance``: the collision guidance (DDPM and DDIM hooks), or None. ``samples_per_chain`` bounds the samples
     batched into one chain (memory); default all. Each body gets the guidance gradient of its own sample's chain
-    however many samples share one chain.
+    however many samples share one chain. ``precision``: :func:`sampling_precision` (outputs are float32).
     """
     if method not in SAMPLING_METHODS:
         raise ValueError(f"sampling method must be one of {SAMPLING_METHODS}, got {method!r}")
     if num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {num_samples}")
     model.eval()
+    with sampling_precision(precision, model.device):
+        return _sample_poses(model, diffusion, batch, num_samples, method, guidance, samples_per_chain,
+                             occupancy_model, guide_final_step)
+
+
+def _sample_poses(model, diffusion, batch, num_samples, method, guidance, samples_per_chain, occupancy_model,
+                  guide_final_step) -> Dict[str, torch.Tensor]:
     condition = model.sampling_condition(batch)
     bs = batch['fx'].shape[0]
     chunk = max(1, min(num_samples, samples_per_chain or num_samples))
@@ -83,8 +102,8 @@ def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 
         out = decoded_output(model, result, chain_batch)
         if guide_final_step and guidance is not None and method == 'ddpm':
             out = final_guided_prediction(model, guidance, chain_batch, result)
-        piece = {'rotmats': out['pred_rotmats'], 'betas': out['pred_smpl_params']['betas'],
-                 'joints': out['pred_keypoints_3d'], 'vertices': out['pred_vertices']}
+        piece = {'rotmats': out['pred_rotmats'].float(), 'betas': out['pred_smpl_params']['betas'].float(),
+                 'joints': out['pred_keypoints_3d'].float(), 'vertices': out['pred_vertices'].float()}
         if occupancy_model is not None:
             ratio = collision.collision_ratio(occupancy_model, chain_batch['condition']['scene_points'],
                                               out['pred_vertices'], out['pred_keypoints_3d'], out['pred_rotmats'])
@@ -361,7 +380,7 @@ def evaluate(model, diffusion, loader, device, num_samples: int = 1, method: str
              guidance: Optional[CollisionGuidance] = None, two_stage: bool = True,
              occupancy_model=None, eval_contact: bool = True, eval_with_vis_mask_pa: bool = True,
              samples_per_chain: Optional[int] = None, log_freq: int = 100, on_batch: Optional[Callable] = None,
-             progress: bool = True, log=print, guide_final_step: bool = False) -> Dict:
+             progress: bool = True, log=print, guide_final_step: bool = False, precision: str = 'fp32') -> Dict:
     """The stage-2 test loop (spec models.md §6).
 
     With ``two_stage`` the model's input translation is the stage-1 one (``batch['stage1_transl_full']``); the GT
@@ -385,7 +404,7 @@ def evaluate(model, diffusion, loader, device, num_samples: int = 1, method: str
             batch['smpl_params']['transl'] = batch['stage1_transl_full'].float()
         batch['gt_transl'] = gt_transl
         samples = sample_poses(model, diffusion, batch, num_samples, method, guidance, samples_per_chain,
-                               occupancy_model, guide_final_step)
+                               occupancy_model, guide_final_step, precision)
         with torch.no_grad():
             gt_params = dict(batch['smpl_params'], transl=gt_transl)
             gt_vertices, gt_joints = model.gt_smpl_output(gt_params, batch['gender'])

@@ -292,11 +292,18 @@ class COAPBodyModel(nn.Module):
     def encode_parts(self, vertices: torch.Tensor, bone_trans: torch.Tensor, draws: list,
                      body_idx: torch.Tensor, part_idx: torch.Tensor) -> torch.Tensor:
         """Part codes ``[N, 128]`` of the ``N`` (body, part) pairs from the surface samples ``draws``
-        (:meth:`draw_surface_samples`): the matching rows of :meth:`encode_body`'s ``latent_code``."""
+        (:meth:`draw_surface_samples`): the matching rows of :meth:`encode_body`'s ``latent_code``.
+
+        The point encoder runs on the pairs' samples only; its output layer runs on the ``[B, 16]`` grid of
+        :meth:`encode_body` (the other rows zero), so that small GEMM sees the shape it sees there.
+        """
         surface = torch.cat([points_on_drawn_faces(vertices, faces, chosen, weights, body_idx, part_idx)
                              for faces, chosen, weights in draws], dim=1)                   # [N, n, 3]
         local = apply_transform(bone_trans[body_idx, part_idx], surface)
-        return self.encoder.fc_c(self.encoder.pooled_features(local))
+        pooled = self.encoder.pooled_features(local)
+        grid = pooled.new_zeros(vertices.shape[0], NUM_PARTS, pooled.shape[-1]).index_put((body_idx, part_idx),
+                                                                                         pooled)
+        return self.encoder.fc_c(grid)[body_idx, part_idx]
 
     def _part_logits(self, local_in: torch.Tensor, part_idx: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """Decoder logits ``[N]`` of local points ``[N, 3]`` in the boxes of parts ``part_idx`` (codes ``latent``)."""
@@ -330,7 +337,8 @@ class COAPBodyModel(nn.Module):
             if used_b.numel():
                 latent = self.encode_parts(vertices, bone_trans, draws, used_b, used_k)
                 logits = self._part_logits(local[b_idx, k_idx, t_idx], k_idx, latent[slot[b_idx, k_idx]])
-                part_occupancy = part_occupancy.index_put((b_idx, k_idx, t_idx), torch.sigmoid(-logits))
+                part_occupancy = part_occupancy.index_put((b_idx, k_idx, t_idx),
+                                                          torch.sigmoid(-logits).to(part_occupancy.dtype))
             occupancy, part = part_occupancy.max(dim=1)
         return occupancy, {'draws': draws, 'part': part}
 
