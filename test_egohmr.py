@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="COAP weights (.ckpt); default: the stage-2 checkpoint's smpl.coap.* entries")
     p.add_argument('--samples_per_chain', type=int, default=0,
                    help='at most this many samples per reverse chain (0: all --num_samples at once)')
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16'],
+                   help='sampling precision (bf16: autocast; see benchmarks/bench_speed.py for its effect)')
     p.add_argument('--save_pred_transl', default=None,
                    help='accepted for README compatibility and ignored (stage-2 test has no such output)')
     return p
@@ -190,7 +192,7 @@ def run(args) -> dict:
                           occupancy_model=occupancy if args.eval_coll_loss else None,
                           eval_contact=args.eval_contact_score, eval_with_vis_mask_pa=args.eval_with_vis_mask_pa,
                           samples_per_chain=args.samples_per_chain or None, log_freq=args.log_freq, on_batch=hook,
-                          guide_final_step=args.guide_final_step)
+                          guide_final_step=args.guide_final_step, precision=args.precision)
     finally:
         close_hook(hook)
     summary = result['summary']

@@ -6,7 +6,8 @@ queried; the original loops over bodies one at a time, we pad the per-body point
 (same values, see :func:`gather_box_points`).
 
 An occupancy model is any object with ``query(points [1,T,3], body) -> [1,T]`` and
-``collision_loss(points, body) -> [1]``, where ``body`` has ``vertices``, ``joints`` and axis-angle ``full_pose [1,72]``.
+``collision_loss(points, body) -> [1]``, where ``body`` has ``vertices``, ``joints`` and axis-angle
+``full_pose [1,72]``.
 """
 from __future__ import annotations
 
@@ -55,20 +56,36 @@ def box_mask_with_cap(points: torch.Tensor, vertices: torch.Tensor, max_point_in
     return mask
 
 
+def box_masks_with_cap(scene_points: torch.Tensor, vertices: torch.Tensor,
+                       max_point_index: Optional[int] = None) -> torch.Tensor:
+    """``[B, P]`` bool: :func:`box_mask_with_cap` of every body at once (same masks, no loop over bodies)."""
+    vertices = vertices.detach()
+    lo, hi = vertices.min(dim=1).values[:, None], vertices.max(dim=1).values[:, None]
+    masks = ((scene_points >= lo) & (scene_points <= hi)).all(dim=-1)
+    if max_point_index is not None:
+        over = masks.sum(dim=1) > max_point_index
+        masks[:, max_point_index:] &= ~over[:, None]
+    return masks
+
+
 def gather_box_points(scene_points: torch.Tensor, vertices: torch.Tensor,
                       max_point_index: Optional[int] = None):
-    """Per body, the scene points in its box, padded into one ``[B, T, 3]`` tensor (T = the largest count).
+    """Per body, the scene points in its box (in stored order), padded into one ``[B, T, 3]`` tensor (T = the
+    largest count).
 
     Padding rows hold :data:`FAR_POINT`, outside every part box, so their occupancy is exactly 0 and they change
     neither the collision loss nor the colliding-point count. This lets the occupancy model run once for the batch
-    instead of once per body (the original's loop), with the same result. Returns (points, counts [B]).
+    instead of once per body (the original's loop), with the same result. COAP's sparse path
+    (:meth:`COAPBodyModel.sparse_query`) evaluates its decoder only at (point, part) pairs inside a part box, so the
+    padding costs no network evaluation. Returns (points, counts [B]).
     """
-    masks = [box_mask_with_cap(scene_points[i], vertices[i], max_point_index) for i in range(scene_points.shape[0])]
-    counts = [int(m.sum()) for m in masks]
-    padded = scene_points.new_full((scene_points.shape[0], max(counts + [0]), 3), FAR_POINT)
-    for i, mask in enumerate(masks):
-        padded[i, :counts[i]] = scene_points[i][mask]
-    return padded, counts
+    masks = box_masks_with_cap(scene_points, vertices, max_point_index)
+    counts = masks.sum(dim=1)
+    padded = scene_points.new_full((scene_points.shape[0], int(counts.max()) if counts.numel() else 0, 3), FAR_POINT)
+    rows, cols = masks.nonzero(as_tuple=True)
+    slots = masks.long().cumsum(dim=1)[rows, cols] - 1
+    padded[rows, slots] = scene_points[rows, cols]
+    return padded, counts.tolist()
 
 
 def per_body_losses(occupancy_model, scene_points: torch.Tensor, body: SMPLOutput,
@@ -77,7 +94,25 @@ def per_body_losses(occupancy_model, scene_points: torch.Tensor, body: SMPLOutpu
     points, counts = gather_box_points(scene_points, body.vertices, max_point_index)
     if max(counts) == 0:
         return body.vertices.new_zeros(scene_points.shape[0]) * body.vertices.sum()
-    return occupancy_model.collision_loss(points, body).reshape(-1)
+    return _collision_loss(occupancy_model, points, body).reshape(-1)
+
+
+def _uses_sparse_path(occupancy_model, body) -> bool:
+    """COAP's sparse evaluation, unless its body-code cache already holds this body (then the dense call reuses
+    that code and draws no new surface samples, as the original does)."""
+    return hasattr(occupancy_model, 'sparse_query') and not occupancy_model._cache_is_valid(body)
+
+
+def _collision_loss(occupancy_model, points, body) -> torch.Tensor:
+    if _uses_sparse_path(occupancy_model, body):
+        return occupancy_model.sparse_collision_loss(points, body)
+    return occupancy_model.collision_loss(points, body)
+
+
+def _occupancy(occupancy_model, points, body) -> torch.Tensor:
+    if _uses_sparse_path(occupancy_model, body):
+        return occupancy_model.sparse_query(points, body)[0]
+    return occupancy_model.query(points, body)
 
 
 def penetration_loss(occupancy_model, scene_points, vertices, joints, rotmats,
@@ -113,7 +148,7 @@ def collision_ratio(occupancy_model, scene_points, vertices, joints, rotmats,
     if max(counts) == 0:
         return np.zeros(scene_points.shape[0])
     with seeded_rng(seed, points.device):
-        occupancy = occupancy_model.query(points, body)
+        occupancy = _occupancy(occupancy_model, points, body)
     return ((occupancy > OCCUPANCY_LEVEL).sum(dim=1).double() / scene_points.shape[1]).cpu().numpy()
 
 

@@ -11,6 +11,7 @@ variants are reported under other names (``apd_joints_standard``, ``pa_mpjpe_vis
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Dict, List, Optional
 
@@ -19,6 +20,7 @@ import torch
 
 from egohmr import collision
 from egohmr.guidance import SAMPLES_IN_CHAIN_KEY, CollisionGuidance
+from egohmr.model import POSE_ONLY_KEY
 from egohmr.visibility import in_image_mask
 from utils.tensors import to_numpy
 from utils.metrics import masked_procrustes, similarity_procrustes
@@ -27,6 +29,7 @@ MM = 1000.0
 CONTACT_SQ_THRESHOLD = 0.02        # the original compares a SQUARED distance (m^2) with 0.02 (~14 cm)
 CONTACT_EUCLID_THRESHOLD = 0.02    # corrected variant: 2 cm Euclidean
 SAMPLING_METHODS = ('ddpm', 'ddim')
+PRECISIONS = ('fp32', 'bf16')
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
@@ -37,11 +40,21 @@ def tile(x: torch.Tensor, times: int) -> torch.Tensor:
 
 def sampling_batch(batch: Dict, condition: Dict[str, torch.Tensor], times: int) -> Dict:
     """The minimal batch a cached-condition forward needs, tiled ``times`` along the batch dimension; it records
-    that ``times`` samples share the chain (guidance averages over the images of one sample)."""
+    that ``times`` samples share the chain (guidance averages over the images of one sample) and that the steps need
+    only the pose prediction (:data:`egohmr.model.POSE_ONLY_KEY`; :func:`decoded_output` decodes the final one)."""
     return {'fx': tile(batch['fx'], times), 'cam_cx': tile(batch['cam_cx'], times),
             'cam_cy': tile(batch['cam_cy'], times),
             'condition': {k: tile(v, times) for k, v in condition.items()},
-            SAMPLES_IN_CHAIN_KEY: times}
+            SAMPLES_IN_CHAIN_KEY: times, POSE_ONLY_KEY: True}
+
+
+def sampling_precision(precision: str, device: torch.device):
+    """``'fp32'``: no change; ``'bf16'``: autocast to bfloat16 on the device (CPU: AVX512-BF16 where present)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == 'fp32':
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def untile(x: torch.Tensor, times: int) -> torch.Tensor:
@@ -52,7 +65,8 @@ def untile(x: torch.Tensor, times: int) -> torch.Tensor:
 @torch.no_grad()
 def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 'ddpm',
                  guidance: Optional[CollisionGuidance] = None, samples_per_chain: Optional[int] = None,
-                 occupancy_model=None, guide_final_step: bool = False) -> Dict[str, torch.Tensor]:
+                 occupancy_model=None, guide_final_step: bool = False,
+                 precision: str = 'fp32') -> Dict[str, torch.Tensor]:
     """Draw ``num_samples`` poses per frame with full reverse chains; returns ``[bs, S, ...]`` tensors.
 
     Keys: ``global_orient [bs,S,1,3,3]``, ``body_pose [bs,S,23,3,3]``, ``betas [bs,S,10]``, ``rotmats``,
@@ -62,13 +76,20 @@ def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 
     discards it; ``guide_final_step`` applies it instead (:meth:`CollisionGuidance.final_step`).
     ``guidance``: the collision guidance (DDPM and DDIM hooks), or None. ``samples_per_chain`` bounds the samples
     batched into one chain (memory); default all. Each body gets the guidance gradient of its own sample's chain
-    however many samples share one chain.
+    however many samples share one chain. ``precision``: :func:`sampling_precision` (outputs are float32).
     """
     if method not in SAMPLING_METHODS:
         raise ValueError(f"sampling method must be one of {SAMPLING_METHODS}, got {method!r}")
     if num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {num_samples}")
     model.eval()
+    with sampling_precision(precision, model.device):
+        return _sample_poses(model, diffusion, batch, num_samples, method, guidance, samples_per_chain,
+                             occupancy_model, guide_final_step)
+
+
+def _sample_poses(model, diffusion, batch, num_samples, method, guidance, samples_per_chain, occupancy_model,
+                  guide_final_step) -> Dict[str, torch.Tensor]:
     condition = model.sampling_condition(batch)
     bs = batch['fx'].shape[0]
     chunk = max(1, min(num_samples, samples_per_chain or num_samples))
@@ -79,11 +100,11 @@ def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 
         chain_batch = sampling_batch(batch, condition, times)
         result = diffusion.sample(model.denoise, (times * bs, 6 * 24), method=method,
                                   model_kwargs={'batch': chain_batch}, guidance=guidance, device=model.device)
-        out = result['model_output']
+        out = decoded_output(model, result, chain_batch)
         if guide_final_step and guidance is not None and method == 'ddpm':
             out = final_guided_prediction(model, guidance, chain_batch, result)
-        piece = {'rotmats': out['pred_rotmats'], 'betas': out['pred_smpl_params']['betas'],
-                 'joints': out['pred_keypoints_3d'], 'vertices': out['pred_vertices']}
+        piece = {'rotmats': out['pred_rotmats'].float(), 'betas': out['pred_smpl_params']['betas'].float(),
+                 'joints': out['pred_keypoints_3d'].float(), 'vertices': out['pred_vertices'].float()}
         if occupancy_model is not None:
             ratio = collision.collision_ratio(occupancy_model, chain_batch['condition']['scene_points'],
                                               out['pred_vertices'], out['pred_keypoints_3d'], out['pred_rotmats'])
@@ -97,6 +118,18 @@ def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 
     if 'collision_ratio' in samples:
         samples['collision_ratio'] = samples['collision_ratio'].numpy()
     return samples
+
+
+def decoded_output(model, result: Dict, batch: Dict) -> Dict:
+    """The last step's model output, decoded to SMPL if the chain ran pose-only: the same tensors the step's full
+    forward returns (it decodes the same ``pred_x_start`` with the same condition)."""
+    out = result['model_output']
+    if 'pred_vertices' in out:
+        return out
+    with torch.no_grad():
+        decoded = model.decode(out['pred_x_start'], out['condition'], batch)
+    decoded.update(vis_mask_smpl=out['vis_mask_smpl'], condition=out['condition'])
+    return decoded
 
 
 def final_guided_prediction(model, guidance: CollisionGuidance, batch: Dict, result: Dict) -> Dict:
@@ -344,7 +377,7 @@ def evaluate(model, diffusion, loader, device, num_samples: int = 1, method: str
              guidance: Optional[CollisionGuidance] = None, two_stage: bool = True,
              occupancy_model=None, eval_contact: bool = True, eval_with_vis_mask_pa: bool = True,
              samples_per_chain: Optional[int] = None, log_freq: int = 100, on_batch: Optional[Callable] = None,
-             progress: bool = True, log=print, guide_final_step: bool = False) -> Dict:
+             progress: bool = True, log=print, guide_final_step: bool = False, precision: str = 'fp32') -> Dict:
     """The stage-2 test loop (the original's procedure).
 
     With ``two_stage`` the model's input translation is the stage-1 one (``batch['stage1_transl_full']``); the GT
@@ -368,7 +401,7 @@ def evaluate(model, diffusion, loader, device, num_samples: int = 1, method: str
             batch['smpl_params']['transl'] = batch['stage1_transl_full'].float()
         batch['gt_transl'] = gt_transl
         samples = sample_poses(model, diffusion, batch, num_samples, method, guidance, samples_per_chain,
-                               occupancy_model, guide_final_step)
+                               occupancy_model, guide_final_step, precision)
         with torch.no_grad():
             gt_params = dict(batch['smpl_params'], transl=gt_transl)
             gt_vertices, gt_joints = model.gt_smpl_output(gt_params, batch['gender'])

@@ -34,6 +34,9 @@ TRANSL_FEAT_DIM = 128
 POSE_EMBED_DIM = 512
 FULL_IMAGE_SIZE = (1920.0, 1080.0)   # the original normalises full-image 2D keypoints by these, not the real size
 DEFAULT_CENTER = (960.0, 540.0)
+# Batch key: True -> the forward returns only the pose prediction, the betas and the condition (no SMPL decoding);
+# sampling chains set it for their steps and decode the final prediction once (:meth:`EgoHMR.decode`).
+POSE_ONLY_KEY = 'pose_only'
 
 
 def coap_available() -> bool:
@@ -322,7 +325,8 @@ class EgoHMR(nn.Module):
         Returns ``pred_x_start``, ``pred_smpl_params`` (rotation matrices, betas), ``pred_pose_6d``,
         ``pred_keypoints_3d``, ``pred_vertices``, ``pred_keypoints_3d_full``, ``pred_keypoints_2d_full`` (manifest
         shapes) plus ``pred_rotmats [B,24,3,3]``, ``vis_mask_smpl [B,24]`` (the original writes it into the batch)
-        and ``condition``.
+        and ``condition``. With ``batch[POSE_ONLY_KEY]`` only ``pred_x_start``, ``pred_smpl_params['betas']``,
+        ``vis_mask_smpl`` and ``condition`` (what a sampling step and the guidance need).
         """
         cond = batch.get('condition')
         if cond is None:
@@ -340,7 +344,11 @@ class EgoHMR(nn.Module):
         else:
             joint_cond = self.mask_cond(self.joint_condition(cond))
             pred = self.diffusion_model(torch.cat([joint_cond, x_feat, t_feat], dim=-1))
-        output = self.decode(pred.reshape(bs, BODY_REP_DIM), cond, batch)
+        if batch.get(POSE_ONLY_KEY, False):
+            output = {'pred_x_start': pred.reshape(bs, BODY_REP_DIM),
+                      'pred_smpl_params': {'betas': self.predict_betas(cond)}}
+        else:
+            output = self.decode(pred.reshape(bs, BODY_REP_DIM), cond, batch)
         output['vis_mask_smpl'] = cond['vis_mask_smpl']
         output['condition'] = cond
         return output
@@ -372,13 +380,17 @@ class EgoHMR(nn.Module):
         out = self.diffusion_model(torch.cat([dynamic, dynamic], dim=0), leading)
         return torch.where(cond['vis_mask_smpl'][..., None], out[:bs], out[bs:])
 
+    def predict_betas(self, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """SMPL betas ``[B, 10]`` from the unmasked condition."""
+        return self.beta_layer(torch.cat([cond['img_feat'], cond['scene_feat'], cond['transl_feat'],
+                                          cond['cam_feat']], dim=-1))
+
     def decode(self, pred_x_start: torch.Tensor, cond: Dict[str, torch.Tensor], batch) -> Dict:
         """Normalised pose ``[B,144]`` + condition -> SMPL outputs (betas from the unmasked condition)."""
         bs = pred_x_start.shape[0]
         pose_6d = self.denormalize_pose(pred_x_start)
         rotmats = rot6d_to_rotmat(pose_6d, mode='diffusion').reshape(bs, NUM_SMPL_JOINTS, 3, 3)
-        betas = self.beta_layer(torch.cat([cond['img_feat'], cond['scene_feat'], cond['transl_feat'],
-                                           cond['cam_feat']], dim=-1))
+        betas = self.predict_betas(cond)
         smpl_out = self.smpl(global_orient=rotmats[:, :1], body_pose=rotmats[:, 1:], betas=betas,
                              pose2rot=False, return_full_pose=True)
         joints = smpl_out.joints

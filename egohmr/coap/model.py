@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from egohmr.coap.partition import NUM_PARTS, NUM_SMPL_JOINTS, Partitioner, body_model_tables
-from egohmr.coap.sampling import sample_points_on_faces
+from egohmr.coap.sampling import draw_face_samples, points_on_drawn_faces, sample_points_on_faces
 from utils.geometry import aa_to_rotmat
 from backbones.pointnet import ResnetPointnet
 
@@ -275,6 +275,98 @@ class COAPBodyModel(nn.Module):
         if ret_collision_mask:
             return excess.sum(dim=-1), excess > 0
         return excess.sum(dim=-1)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Sparse evaluation: encode only the parts a query needs (guidance, penetration loss, collision metric)
+    # ------------------------------------------------------------------------------------------------------
+
+    def draw_surface_samples(self, vertices: torch.Tensor, num_samples: Optional[int] = None) -> list:
+        """The random draws of :meth:`sample_part_surfaces` (same RNG calls, same order): ``[(faces, chosen,
+        weights)]`` for the tight and the extended face sets."""
+        num_samples = num_samples or self.num_surface_samples
+        tight = num_samples // 2
+        return [(faces, *draw_face_samples(vertices, faces, count))
+                for faces, count in ((self.partitioner.tight_face_tensor, tight),
+                                     (self.partitioner.extended_face_tensor, num_samples - tight))]
+
+    def encode_parts(self, vertices: torch.Tensor, bone_trans: torch.Tensor, draws: list,
+                     body_idx: torch.Tensor, part_idx: torch.Tensor) -> torch.Tensor:
+        """Part codes ``[N, 128]`` of the ``N`` (body, part) pairs from the surface samples ``draws``
+        (:meth:`draw_surface_samples`): the matching rows of :meth:`encode_body`'s ``latent_code``.
+
+        The point encoder runs on the pairs' samples only; its output layer runs on the ``[B, 16]`` grid of
+        :meth:`encode_body` (the other rows zero), so that small GEMM sees the shape it sees there.
+        """
+        surface = torch.cat([points_on_drawn_faces(vertices, faces, chosen, weights, body_idx, part_idx)
+                             for faces, chosen, weights in draws], dim=1)                   # [N, n, 3]
+        local = apply_transform(bone_trans[body_idx, part_idx], surface)
+        pooled = self.encoder.pooled_features(local)
+        grid = pooled.new_zeros(vertices.shape[0], NUM_PARTS, pooled.shape[-1]).index_put((body_idx, part_idx),
+                                                                                         pooled)
+        return self.encoder.fc_c(grid)[body_idx, part_idx]
+
+    def _part_logits(self, local_in: torch.Tensor, part_idx: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """Decoder logits ``[N]`` of local points ``[N, 3]`` in the boxes of parts ``part_idx`` (codes ``latent``)."""
+        features = torch.cat([local_in, torch.ones_like(local_in[:, :1]), self.k_one_hot[part_idx], latent], dim=-1)
+        return self.decoder(torch.cat([local_in, self.query_encoder(features)], dim=-1))[:, 0]
+
+    def sparse_query(self, points: torch.Tensor, smpl_output):
+        """:meth:`query`'s occupancy ``[B, T]`` (same values, no gradient), encoding only the parts whose box holds
+        a query point; the others are never read by :meth:`query`.
+
+        The surface samples of every part are drawn as :meth:`encode_body` draws them (same RNG use). Returns
+        ``(occupancy, state)``; ``state`` holds the draws and the part each point's occupancy comes from
+        (``part [B, T]``, the max's index) for :meth:`sparse_collision_loss`. Does not touch the body-code cache.
+        """
+        check_smpl_output(smpl_output)
+        with torch.no_grad():
+            vertices, joints = smpl_output.vertices.detach(), smpl_output.joints.detach()
+            batch, num_points = points.shape[:2]
+            bone_trans = self.compute_bone_trans(smpl_output.full_pose.detach().reshape(batch, -1), joints)
+            bbox_min, bbox_max = self.part_bounds(vertices, bone_trans)
+            bbox_size = (bbox_max - bbox_min).abs() * self.bbox_padding
+            bbox_center = 0.5 * (bbox_min + bbox_max)
+            draws = self.draw_surface_samples(vertices)
+            local = apply_transform(bone_trans, points[:, None].to(bone_trans.dtype))       # [B,16,T,3]
+            inside = ((local - bbox_center).abs() < 0.5 * bbox_size).all(dim=-1)            # [B,16,T]
+            b_idx, k_idx, t_idx = inside.nonzero(as_tuple=True)
+            used_b, used_k = inside.any(dim=2).nonzero(as_tuple=True)
+            slot = torch.full((batch, NUM_PARTS), -1, dtype=torch.long, device=points.device)
+            slot[used_b, used_k] = torch.arange(used_b.shape[0], device=points.device)
+            part_occupancy = local.new_zeros(batch, NUM_PARTS, num_points)
+            if used_b.numel():
+                latent = self.encode_parts(vertices, bone_trans, draws, used_b, used_k)
+                logits = self._part_logits(local[b_idx, k_idx, t_idx], k_idx, latent[slot[b_idx, k_idx]])
+                part_occupancy = part_occupancy.index_put((b_idx, k_idx, t_idx),
+                                                          torch.sigmoid(-logits).to(part_occupancy.dtype))
+            occupancy, part = part_occupancy.max(dim=1)
+        return occupancy, {'draws': draws, 'part': part}
+
+    def sparse_collision_loss(self, points: torch.Tensor, smpl_output) -> torch.Tensor:
+        """:meth:`collision_loss` ``[B]``: the same value (:meth:`sparse_query`) and the same gradient w.r.t. the body.
+
+        The gradient of ``sum relu(occupancy - 0.5)`` flows only through the colliding points (occupancy > 0.5),
+        each through the part its max comes from, so only those points and parts are evaluated again with autograd.
+        Equal to the dense gradient up to float rounding (the sums over points run in another order).
+        """
+        occupancy, state = self.sparse_query(points, smpl_output)
+        excess = torch.relu(occupancy - self.level_set).sum(dim=-1)
+        vertices, joints, full_pose = smpl_output.vertices, smpl_output.joints, smpl_output.full_pose
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (vertices, joints, full_pose))):
+            return excess
+        b_c, t_c = (occupancy > self.level_set).nonzero(as_tuple=True)
+        if b_c.numel() == 0:
+            return excess + 0.0 * vertices.sum()
+        k_c = state['part'][b_c, t_c]
+        pairs, slot = torch.unique(b_c * NUM_PARTS + k_c, return_inverse=True)
+        batch = vertices.shape[0]
+        bone_trans = self.compute_bone_trans(full_pose.reshape(batch, -1), joints)
+        latent = self.encode_parts(vertices, bone_trans, state['draws'], pairs // NUM_PARTS, pairs % NUM_PARTS)
+        local_c = apply_transform(bone_trans[b_c, k_c], points[b_c, t_c][:, None].to(bone_trans.dtype))[:, 0]
+        part_occ = torch.sigmoid(-self._part_logits(local_c, k_c, latent[slot]))
+        differentiable = part_occ.new_zeros(batch).index_add(0, b_c, part_occ - self.level_set)
+        # The value of the dense loss, the gradient of the colliding points (x - x is exactly 0).
+        return excess + (differentiable - differentiable.detach())
 
 
 def attach_coap(body_model, checkpoint: Optional[str] = None, frozen: bool = False, pretrained: bool = False,

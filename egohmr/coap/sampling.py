@@ -56,3 +56,37 @@ def sample_points_on_faces(vertices: torch.Tensor, faces: torch.Tensor, num_samp
     picked = torch.gather(corners, 1, chosen[..., None, None].expand(-1, -1, 3, 3))  # [B*K, n, 3, 3]
     points = (weights[..., None] * picked).sum(dim=2)
     return points.reshape(batch, num_sets, num_samples, 3)
+
+
+def draw_face_samples(vertices: torch.Tensor, faces: torch.Tensor, num_samples: int,
+                      generator: torch.Generator = None):
+    """The random draws of :func:`sample_points_on_faces` (the same RNG calls in the same order), without the points.
+
+    Returns ``chosen [B, K, n]`` face indices and barycentric ``weights [B, K, n, 3]``; turn them into points of
+    selected (body, set) pairs with :func:`points_on_drawn_faces`.
+    """
+    batch, num_sets = vertices.shape[0], faces.shape[0]
+    with torch.no_grad():
+        areas = face_areas(vertices, faces).reshape(batch * num_sets, -1)
+        if not bool((areas.sum(dim=1) > 0).all()):
+            raise ValueError("draw_face_samples: a face set has no face of positive area")
+        chosen = torch.multinomial(areas, num_samples, replacement=True, generator=generator)
+        u = torch.rand(batch * num_sets, num_samples, 1, generator=generator, device=vertices.device,
+                       dtype=vertices.dtype)
+        v = torch.rand(batch * num_sets, num_samples, 1, generator=generator, device=vertices.device,
+                       dtype=vertices.dtype)
+        root = u.sqrt()
+        weights = torch.cat([1.0 - root, root * (1.0 - v), root * v], dim=-1)
+    return chosen.reshape(batch, num_sets, num_samples), weights.reshape(batch, num_sets, num_samples, 3)
+
+
+def points_on_drawn_faces(vertices: torch.Tensor, faces: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor,
+                          body_idx: torch.Tensor, set_idx: torch.Tensor) -> torch.Tensor:
+    """Points ``[N, n, 3]`` of :func:`draw_face_samples`'s draws for the ``N`` pairs ``(body_idx, set_idx)``.
+
+    For every pair the same values as the matching ``[b, k]`` slice of :func:`sample_points_on_faces` with those
+    draws; differentiable with respect to ``vertices``. Only the chosen faces' corners are gathered.
+    """
+    corner_ids = faces.clamp_min(0).long()[set_idx[:, None], chosen[body_idx, set_idx]]     # [N, n, 3]
+    picked = vertices[body_idx[:, None, None], corner_ids]                                  # [N, n, 3, 3]
+    return (weights[body_idx, set_idx][..., None] * picked).sum(dim=2)

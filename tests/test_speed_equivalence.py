@@ -1,0 +1,231 @@
+"""The fast paths of issue 17 give the outputs of the straightforward formulations they replace (kept here as the
+references): the vectorised box gather, COAP's sparse part encoding (occupancy, collision loss and its gradient, RNG
+use), the guided sampling chain, and pose-only denoising steps with one final decode."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from configs import prohmr_config
+from egohmr import collision
+from egohmr.coap import load_coap_checkpoint
+from egohmr.coap.sampling import draw_face_samples, points_on_drawn_faces, sample_points_on_faces
+from egohmr.model import POSE_ONLY_KEY, EgoHMR
+from utils.geometry import rot6d_to_rotmat
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COAP_WEIGHTS = os.path.join(ROOT, 'tests', 'assets', 'coap_synthetic_neutral.ckpt')
+BODIES = 3
+
+
+@pytest.fixture(scope='module')
+def model(body_model_dir):
+    torch.manual_seed(0)
+    model = EgoHMR(prohmr_config(), data_dir=body_model_dir, pelvis_vis_loosen=True, diffuse_fuse=True,
+                   with_coap=True).eval()
+    load_coap_checkpoint(model.coap, COAP_WEIGHTS)
+    return model
+
+
+def reference_gather_box_points(scene_points, vertices, max_point_index=None):
+    """The per-body loop that ``collision.gather_box_points`` replaced."""
+    masks = [collision.box_mask_with_cap(scene_points[i], vertices[i], max_point_index)
+             for i in range(scene_points.shape[0])]
+    counts = [int(m.sum()) for m in masks]
+    padded = scene_points.new_full((scene_points.shape[0], max(counts + [0]), 3), collision.FAR_POINT)
+    for i, mask in enumerate(masks):
+        padded[i, :counts[i]] = scene_points[i][mask]
+    return padded, counts
+
+
+def posed_body(model, seed=0, requires_grad=False):
+    """Neutral bodies near the mean pose; returns (pose_6d, body) with the pose a leaf if ``requires_grad``."""
+    g = torch.Generator().manual_seed(seed)
+    x = 0.3 * torch.randn(BODIES, 144, generator=g)
+    pose_6d = model.denormalize_pose(x)
+    if requires_grad:
+        pose_6d.requires_grad_(True)
+    rotmats = rot6d_to_rotmat(pose_6d, mode='diffusion').reshape(BODIES, 24, 3, 3)
+    out = model.smpl(global_orient=rotmats[:, :1], body_pose=rotmats[:, 1:], betas=torch.zeros(BODIES, 10),
+                     pose2rot=False)
+    return pose_6d, collision.body_for_occupancy(out.vertices, out.joints, rotmats)
+
+
+def scene_around(body, seed=1, count=3000):
+    """Points uniform in each body's box grown by 10 %, some beyond it; body 2 gets none in its box."""
+    g = torch.Generator().manual_seed(seed)
+    verts = body.vertices.detach()
+    lo, hi = verts.min(dim=1).values[:, None], verts.max(dim=1).values[:, None]
+    pad = 0.1 * (hi - lo)
+    scene = lo - pad + (hi - lo + 2 * pad) * torch.rand(BODIES, count, 3, generator=g)
+    scene[2] += 50.0
+    return scene
+
+
+def test_vectorised_box_gather_equals_the_per_body_loop(model):
+    _, body = posed_body(model)
+    scene = scene_around(body)
+    for cap in (None, 2000, 10 ** 6):
+        padded, counts = collision.gather_box_points(scene, body.vertices, cap)
+        expected, expected_counts = reference_gather_box_points(scene, body.vertices, cap)
+        assert counts == expected_counts and torch.equal(padded, expected)
+        for i in range(BODIES):                                  # each body alone: its own rows
+            single, single_count = collision.gather_box_points(scene[i:i + 1], body.vertices[i:i + 1], cap)
+            assert single_count == [counts[i]] and torch.equal(single[0], padded[i, :counts[i]])
+    assert counts[2] == 0 and min(counts[:2]) > 1000
+
+
+def test_drawn_face_samples_equal_sample_points_on_faces(model):
+    _, body = posed_body(model)
+    faces = model.coap.partitioner.extended_face_tensor
+    torch.manual_seed(5)
+    expected = sample_points_on_faces(body.vertices, faces, 40)
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    chosen, weights = draw_face_samples(body.vertices, faces, 40)
+    assert torch.equal(torch.rand(1), after)                     # same RNG use
+    b_idx, k_idx = torch.meshgrid(torch.arange(BODIES), torch.arange(faces.shape[0]), indexing='ij')
+    points = points_on_drawn_faces(body.vertices, faces, chosen, weights, b_idx.reshape(-1), k_idx.reshape(-1))
+    assert torch.equal(points.reshape(expected.shape), expected)
+    one = points_on_drawn_faces(body.vertices, faces, chosen, weights, torch.tensor([1]), torch.tensor([7]))
+    assert torch.equal(one[0], expected[1, 7])                   # one pair alone
+
+
+def test_encode_parts_equals_encode_body_rows(model):
+    coap = model.coap
+    _, body = posed_body(model)
+    torch.manual_seed(6)
+    with torch.no_grad():
+        code = coap.encode_body(body)
+    coap.detach_cache()
+    torch.manual_seed(6)
+    draws = coap.draw_surface_samples(body.vertices)
+    b_idx, k_idx = torch.tensor([0, 0, 1, 2, 2]), torch.tensor([0, 9, 3, 15, 4])
+    with torch.no_grad():
+        latent = coap.encode_parts(body.vertices, code['bone_trans'], draws, b_idx, k_idx)
+        assert torch.equal(latent, code['latent_code'][b_idx, k_idx])
+        for j in range(b_idx.shape[0]):                          # each pair alone equals its row of the batch
+            single = coap.encode_parts(body.vertices, code['bone_trans'], draws, b_idx[j:j + 1], k_idx[j:j + 1])
+            assert torch.equal(single[0], latent[j])
+
+
+def dense_and_sparse(model, fn_dense, fn_sparse, seed=7):
+    """Run both with the same seed from a cold body-code cache; return results and the next random number."""
+    results = []
+    for fn in (fn_dense, fn_sparse):
+        model.coap.detach_cache()
+        torch.manual_seed(seed)
+        value = fn()
+        results.append((value, torch.rand(1)))
+    model.coap.detach_cache()
+    return results
+
+
+def test_sparse_query_equals_the_dense_query(model):
+    coap = model.coap
+    _, body = posed_body(model)
+    points, _ = collision.gather_box_points(scene_around(body), body.vertices)
+    with torch.no_grad():
+        (dense, rng_dense), (sparse, rng_sparse) = dense_and_sparse(
+            model, lambda: coap.query(points, body), lambda: coap.sparse_query(points, body)[0])
+    assert torch.equal(sparse, dense) and torch.equal(rng_dense, rng_sparse)
+    assert (dense[:2] > 0.5).sum() > 10 and not dense[2].any()
+
+
+def test_sparse_collision_loss_value_and_gradient_equal_the_dense_ones(model):
+    coap = model.coap
+
+    def loss_and_grad(sparse):
+        pose_6d, body = posed_body(model, requires_grad=True)
+        points, _ = collision.gather_box_points(scene_around(body), body.vertices)
+        loss = (coap.sparse_collision_loss if sparse else coap.collision_loss)(points, body)
+        return loss.detach(), torch.autograd.grad(loss.sum(), pose_6d)[0]
+
+    (dense, rng_dense), (sparse, rng_sparse) = dense_and_sparse(model, lambda: loss_and_grad(False),
+                                                                lambda: loss_and_grad(True))
+    assert torch.equal(sparse[0], dense[0]) and torch.equal(rng_dense, rng_sparse)
+    assert dense[0][0] > 0 and dense[1].abs().max() > 0
+    scale = dense[1].abs().max()
+    torch.testing.assert_close(sparse[1] / scale, dense[1] / scale, rtol=0, atol=1e-4)     # float rounding
+
+
+def guidance_batch(model, bs=2, num_points=4000, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    conf = (torch.rand(bs, 25, 1, generator=g) > 0.4).float()
+    _, body = posed_body(model, seed=seed)
+    scene = scene_around(body, seed=seed, count=num_points)[:bs] + torch.tensor([0.0, 0.1, 3.0])
+    return {
+        'img': torch.randn(bs, 3, 224, 224, generator=g),
+        'orig_keypoints_2d': torch.cat([torch.rand(bs, 25, 2, generator=g) - 0.5, conf], dim=-1),
+        'fx': torch.full((bs,), 1.0), 'box_center': 300 + 500 * torch.rand(bs, 2, generator=g),
+        'box_size': torch.full((bs,), 400.0), 'cam_cx': torch.full((bs,), 955.0),
+        'cam_cy': torch.full((bs,), 530.0), 'scene_pcd_verts_full': scene,
+        'smpl_params': {'transl': torch.tensor([[0.0, 0.1, 3.0]]).repeat(bs, 1)},
+    }
+
+
+def test_guidance_gradients_along_a_guided_chain_equal_the_dense_reference(model, monkeypatch):
+    """Every guided step of a ddpm-10 chain (w = 2, guidance on all steps): the sparse gradient at the step's input
+    equals the dense one up to float rounding, and the collision ratio of the result is the same.
+
+    (Whole guided chains are not compared: with random weights a chain amplifies any rounding change of a gradient,
+    ~1e-6 relative, by ~30x per step, and the dense path itself would do the same under any other rounding.)"""
+    from diffusion import create_gaussian_diffusion
+    from egohmr.evaluate import sample_poses
+    from egohmr.guidance import CollisionGuidance
+
+    class Recording(CollisionGuidance):
+        def gradient(self, x, model_output, batch):
+            states.append((x.clone(), model_output, batch))
+            return super().gradient(x, model_output, batch)
+
+    states = []
+    guidance = Recording(model, model.coap, weight=2.0)
+    torch.manual_seed(11)
+    samples = sample_poses(model, create_gaussian_diffusion(10, ''), guidance_batch(model), 2, 'ddpm',
+                           guidance=guidance)
+    plain = CollisionGuidance(model, model.coap, weight=2.0)
+    compared = 0
+    for x, model_output, batch in states:
+        sparse = plain.gradient(x, model_output, batch)
+        monkeypatch.setattr(collision, '_uses_sparse_path', lambda occupancy_model, body: False)
+        dense = plain.gradient(x, model_output, batch)
+        monkeypatch.undo()
+        assert (sparse is None) == (dense is None)
+        if dense is not None:
+            scale = dense.abs().max()
+            torch.testing.assert_close(sparse / scale, dense / scale, rtol=0, atol=1e-4)   # float rounding
+            compared += 1
+    assert compared >= 5
+    scene = states[0][1]['condition']['scene_points']
+    flat = {k: samples[k].transpose(0, 1).reshape(-1, *samples[k].shape[2:]) for k in ('vertices', 'joints', 'rotmats')}
+    ratios = []
+    for sparse in (True, False):
+        if not sparse:
+            monkeypatch.setattr(collision, '_uses_sparse_path', lambda occupancy_model, body: False)
+        model.coap.detach_cache()
+        ratios.append(collision.collision_ratio(model.coap, scene, flat['vertices'], flat['joints'], flat['rotmats']))
+        monkeypatch.undo()
+    assert (ratios[0] == ratios[1]).all()
+
+
+def test_pose_only_steps_give_the_fully_decoded_chain(model):
+    """sample_poses (pose-only steps, one decode) against the chain that decodes every step, same seed."""
+    from diffusion import create_gaussian_diffusion
+    from egohmr.evaluate import sample_poses, sampling_batch, untile
+
+    batch = guidance_batch(model, seed=4)
+    diffusion = create_gaussian_diffusion(50, 'ddim5')
+    torch.manual_seed(12)
+    fast = sample_poses(model, diffusion, batch, 3, 'ddim')
+    torch.manual_seed(12)
+    with torch.no_grad():
+        condition = model.sampling_condition(batch)
+        chain = sampling_batch(batch, condition, 3)
+        chain[POSE_ONLY_KEY] = False
+        out = diffusion.sample(model.denoise, (6, 144), method='ddim', model_kwargs={'batch': chain})['model_output']
+    for key, ref in (('rotmats', out['pred_rotmats']), ('betas', out['pred_smpl_params']['betas']),
+                     ('joints', out['pred_keypoints_3d']), ('vertices', out['pred_vertices'])):
+        assert torch.equal(fast[key], untile(ref, 3)), key
