@@ -226,10 +226,11 @@ class Stage2Metrics:
         cam_center ``[bs,2]``; scene_points_full ``[bs,P,3]`` (PV frame) for the contact score;
         collision_ratio ``[bs,S]``.
         """
-        joint_vis = to_numpy(in_image_mask(gt_joints[:, :24], focal_px, cam_center), np.float64).astype(bool)     # [bs,24]
-        vert_vis = to_numpy(in_image_mask(gt_vertices, focal_px, cam_center), np.float64).astype(bool)            # [bs,V]
+        joint_vis = to_numpy(in_image_mask(gt_joints[:, :24], focal_px, cam_center), bool)     # [bs,24]
+        vert_vis = to_numpy(in_image_mask(gt_vertices, focal_px, cam_center), bool)            # [bs,V]
         pj, pv = to_numpy(pred_joints, np.float64)[:, :, :24], to_numpy(pred_vertices, np.float64)
-        gj, gv, transl = to_numpy(gt_joints, np.float64)[:, :24], to_numpy(gt_vertices, np.float64), to_numpy(input_transl, np.float64)
+        gj, gv = to_numpy(gt_joints, np.float64)[:, :24], to_numpy(gt_vertices, np.float64)
+        transl = to_numpy(input_transl, np.float64)
         bs, n = pj.shape[:2]
         if n != self.num_samples:
             raise ValueError(f"expected {self.num_samples} samples per frame, got {n}")
