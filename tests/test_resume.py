@@ -157,13 +157,18 @@ def test_test_script_takes_run_settings_from_the_checkpoint(tmp_path, capsys):
     apply_run_settings(args, parser, argv, path, STAGE2_RUN_SETTINGS)
     assert args.scene_downsample_rate == 8 and args.scene_cano is True
     assert 'scene_downsample_rate 8' in capsys.readouterr().out
-    for argv in (['--checkpoint', path, '--scene_downsample_rate', '2'], ['--checkpoint', path, '--scene_cano=False']):
+    for argv in (['--checkpoint', path, '--scene_cano', 'False'], ['--checkpoint', path, '--scene_cano=False']):
         args = parser.parse_args(argv)
         with pytest.raises(DataError, match='contradicts the checkpoint') as err:
             apply_run_settings(args, parser, argv, path, STAGE2_RUN_SETTINGS)
         assert '\n' not in str(err.value)
-    assert script.main(['--checkpoint', path, '--scene_downsample_rate', '2', '--two_stage', 'False']) == 2
-    assert 'trained with --scene_downsample_rate 8' in capsys.readouterr().err
+    assert script.main(['--checkpoint', path, '--scene_cano', 'False', '--two_stage', 'False']) == 2
+    assert 'trained with --scene_cano True' in capsys.readouterr().err
+    # the scene point density may change at test time (all 20000 points for a collision check): a warning
+    argv = ['--checkpoint', path, '--scene_downsample_rate', '1']
+    args = parser.parse_args(argv)
+    apply_run_settings(args, parser, argv, path, STAGE2_RUN_SETTINGS)
+    assert args.scene_downsample_rate == 1 and 'warning: --scene_downsample_rate 1 differs' in capsys.readouterr().out
     released = str(tmp_path / 'released.pt')
     torch.save({'state_dict': {}}, released)
     argv = ['--checkpoint', released, '--scene_downsample_rate', '2']

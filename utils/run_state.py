@@ -267,6 +267,8 @@ def choose_data_seed(args, resumed: Optional[Dict]) -> int:
 STAGE1_RUN_SETTINGS = ('with_focal_length', 'with_bbox_info', 'with_cam_center', 'scene_cano', 'scene_type',
                        'scene_downsample_rate', 'add_bbox_scale')
 STAGE2_RUN_SETTINGS = STAGE1_RUN_SETTINGS + ('only_mask_img_cond', 'num_diffusion_timesteps')
+# Of these, safe to change at test time (with a warning): the PointNet max-pools over however many points it gets.
+TEST_TIME_ADJUSTABLE = ('scene_downsample_rate',)
 
 
 def checkpoint_config(path: str) -> Optional[Dict]:
@@ -290,8 +292,9 @@ def explicit_flags(parser, argv) -> set:
 
 def apply_run_settings(args, parser, argv, checkpoint: str, names, log=print) -> None:
     """Take the training run's ``names`` settings from the checkpoint's config. A flag given on the command line
-    that contradicts the checkpoint is a one-line :class:`DataError` naming both values; a flag left at its
-    default is replaced by the run's value (with a note). Nothing happens for a weights-only checkpoint."""
+    that contradicts the checkpoint is a one-line :class:`DataError` naming both values (a warning for the
+    settings of :data:`TEST_TIME_ADJUSTABLE`); a flag left at its default is replaced by the run's value (with a
+    note). Nothing happens for a weights-only checkpoint."""
     config = checkpoint_config(checkpoint)
     if not config or 'args' not in config:
         return
@@ -302,6 +305,10 @@ def apply_run_settings(args, parser, argv, checkpoint: str, names, log=print) ->
             continue
         ours, theirs = getattr(args, name), trained[name]
         if ours == theirs:
+            continue
+        if name in given and name in TEST_TIME_ADJUSTABLE:
+            log(f"warning: --{name} {ours} differs from the checkpoint's training run (--{name} {theirs}); "
+                "using the given value")
             continue
         if name in given:
             raise DataError(f"--{name} {ours} contradicts the checkpoint '{checkpoint}', trained with --{name} "
