@@ -25,6 +25,7 @@ from egohmr.gcn import ModulatedGCN
 from egohmr.visibility import smpl_joint_visibility
 from backbones.resnet import resnet50_backbone
 from utils.body_model import NUM_SMPL_JOINTS, create_smpl, resolve_data_path
+from utils.camera import IMAGE_CENTER, camera_features, normalise_full_image_points
 from utils.geometry import aa_to_rotmat, perspective_projection, rot6d_to_rotmat, rotmat_to_rot6d
 from backbones.pointnet import ResnetPointnet
 
@@ -32,8 +33,6 @@ BODY_REP_DIM = 6 * NUM_SMPL_JOINTS   # 144
 IMG_FEAT_DIM = 2048
 TRANSL_FEAT_DIM = 128
 POSE_EMBED_DIM = 512
-FULL_IMAGE_SIZE = (1920.0, 1080.0)   # the original normalises full-image 2D keypoints by these, not the real size
-DEFAULT_CENTER = (960.0, 540.0)
 # Batch key: True -> the forward returns only the pose prediction, the betas and the condition (no SMPL decoding);
 # sampling chains set it for their steps and decode the final prediction once (:meth:`EgoHMR.decode`).
 POSE_ONLY_KEY = 'pose_only'
@@ -230,23 +229,14 @@ class EgoHMR(nn.Module):
             center = torch.stack([batch['cam_cx'], batch['cam_cy']], dim=-1)
         else:
             focal = torch.full((bs, 2), float(self.cfg.EXTRA.FOCAL_LENGTH), device=batch['fx'].device)
-            center = torch.tensor(DEFAULT_CENTER, device=batch['fx'].device).repeat(bs, 1)
+            center = torch.tensor(IMAGE_CENTER, device=batch['fx'].device).repeat(bs, 1)
         return focal.float(), center.float()
 
     def camera_features(self, batch) -> torch.Tensor:
-        """``[cam_cx/f, cam_cy/f, box_cx/f, box_cy/f, box_size/f, fx_norm]`` (the enabled parts, in this order)."""
-        fx = batch['fx'].float()
-        f_px = fx * self.cfg.CAM.FX_NORM_COEFF
-        parts = []
-        if self.with_cam_center:
-            parts += [batch['cam_cx'] / f_px, batch['cam_cy'] / f_px]
-        if self.with_bbox_info:
-            parts += [batch['box_center'][:, 0] / f_px, batch['box_center'][:, 1] / f_px, batch['box_size'] / f_px]
-        if self.with_focal_length:
-            parts += [fx]
-        if not parts:
-            return fx.new_zeros(fx.shape[0], 0)
-        return torch.stack(parts, dim=-1).float()
+        """``[cam_cx/f, cam_cy/f, box_cx/f, box_cy/f, box_size/f, fx_norm]`` (the enabled parts, in this order), all
+        over the focal length ``fx * FX_NORM_COEFF`` in pixels (also without ``with_focal_length``, as the original)."""
+        return camera_features(batch, batch['fx'].float() * self.cfg.CAM.FX_NORM_COEFF, self.with_cam_center,
+                               self.with_bbox_info, self.with_focal_length)
 
     def canonical_scene(self, batch) -> torch.Tensor:
         """Scene points given to the encoder (and to COAP): ``scene - transl`` with ``scene_cano``."""
@@ -397,7 +387,7 @@ class EgoHMR(nn.Module):
         transl = cond['transl']
         focal, center = self.camera_intrinsics(batch)
         kp2d = perspective_projection(joints, transl, focal, center)
-        kp2d = kp2d / kp2d.new_tensor(FULL_IMAGE_SIZE) - 0.5
+        kp2d = normalise_full_image_points(kp2d)
         return {
             'pred_x_start': pred_x_start,
             'pred_smpl_params': {'global_orient': rotmats[:, :1], 'body_pose': rotmats[:, 1:], 'betas': betas},
