@@ -315,7 +315,7 @@ def test_07_val_at_start_never_writes_best_model(world, cfg, tmp_path, monkeypat
     calls = []
     monkeypatch.setattr(trainer, 'validate', lambda model, loader, device: {trainer.VAL_METRIC: 1.0})
     monkeypatch.setattr(trainer, 'data_initialize', lambda model, batch: None)
-    monkeypatch.setattr(trainer, 'training_loop', lambda *a, **k: calls.append(k) or (0, 0))
+    monkeypatch.setattr(trainer, 'run_training_loop', lambda *a, **k: calls.append(k) or 0)
     args = script('train_prohmr_scene').build_parser().parse_args(
         s1_train_flags(world, tmp_path) + ['--val_at_start', 'True', '--seed', '0'])
     summary = trainer.train(args, cfg)
