@@ -33,7 +33,7 @@ def build_parser():
     parser = common.base_parser(__doc__.splitlines()[0], cpu_calls=(3, 1), cuda_calls=(3, 1))
     parser.add_argument('--scene_points', type=common.positive_int, default=20000,
                         help='points stored per crop (--scene_verts_num_target of the scripts)')
-    parser.add_argument('--no_scripts', action='store_true', help='skip the end-to-end script timings')
+    common.add_bool_flag(parser, '--no_scripts', False, 'skip the end-to-end script timings')
     return parser
 
 

@@ -32,6 +32,8 @@ os.environ.setdefault('PYOPENGL_PLATFORM', 'egl')
 
 import torch  # noqa: E402
 
+from utils.cli import add_bool_flag  # noqa: E402
+
 MIB = 1024.0 * 1024.0
 
 
@@ -72,7 +74,7 @@ def base_parser(description: str, cpu_calls=(1, 1), cuda_calls=(5, 2)) -> argpar
     parser.add_argument('--world', default=None,
                         help='synthetic world folder (default: outputs/bench/world, built on first use)')
     parser.add_argument('--seed', type=int, default=0, help='seed of torch/numpy before the measurements')
-    parser.add_argument('--quick', action='store_true', help='fewest calls (warm-up 0, 1 repeat): a smoke run')
+    add_bool_flag(parser, '--quick', False, 'fewest calls (warm-up 0, 1 repeat): a smoke run')
     return parser
 
 
