@@ -30,7 +30,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from make_bench_world import egobody_dataset, ensure_world, frame_batch, load_config, with_scene_points  # noqa: E402
+from make_bench_world import egobody_dataset, frame_batch, start_benchmark, with_scene_points  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -250,13 +250,9 @@ def stage1_figures(world, cfg, args, device) -> dict:
 
 
 def run(args) -> dict:
-    device = common.setup(args)
-    world = ensure_world(args.world)
-    cfg = load_config()
-    result = common.header(device)
-    result.update(benchmark='speed', frames_per_call=args.frames, num_samples=args.num_samples,
-                  scene_points=args.scene_points, coap_weights=os.path.basename(args.coap_weights) or 'random',
-                  denoiser_weights='random (untrained)')
+    device, world, cfg, result = start_benchmark(
+        args, 'speed', frames_per_call=args.frames, num_samples=args.num_samples, scene_points=args.scene_points,
+        coap_weights=os.path.basename(args.coap_weights) or 'random', denoiser_weights='random (untrained)')
     result.update(sampling_figures(world, cfg, args, device))
     if 'training' not in args.skip:
         result.update(training_figures(world, cfg, args, device))

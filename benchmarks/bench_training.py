@@ -19,8 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from make_bench_world import (egobody_dataset, ensure_world, frame_batch, load_config, mocap_batch,  # noqa: E402
-                              with_scene_points)
+from make_bench_world import (egobody_dataset, frame_batch, mocap_batch,  # noqa: E402
+                              start_benchmark, with_scene_points)
 
 import torch  # noqa: E402
 
@@ -89,12 +89,8 @@ STAGES = {1: ('stage1_prohmr_scene', stage1_step), 2: ('stage2_egohmr', stage2_s
 
 
 def run(args) -> dict:
-    device = common.setup(args)
-    world = ensure_world(args.world)
-    cfg = load_config()
-    result = common.header(device)
-    result.update(benchmark='training', batch_size=args.batch_size, scene_points=args.scene_points,
-                  data_loading_included=False)
+    device, world, cfg, result = start_benchmark(args, 'training', batch_size=args.batch_size,
+                                                 scene_points=args.scene_points, data_loading_included=False)
     memory = common.PeakMemory(device)
     for stage in args.stages:
         name, make_step = STAGES[stage]

@@ -89,6 +89,18 @@ def load_config(num_test_samples: int = None):
     return get_config(overrides=overrides)
 
 
+def start_benchmark(args, benchmark: str, **fields):
+    """``(device, world, config, JSON header)`` of a benchmark run: the shared flags set up, the bench world built
+    or found, and the header with ``benchmark`` and ``fields``."""
+    import common
+    device = common.setup(args)
+    world = ensure_world(args.world)
+    cfg = load_config()
+    result = common.header(device)
+    result.update(benchmark=benchmark, **fields)
+    return device, world, cfg, result
+
+
 def egobody_dataset(world, cfg, scene_type: str, split: str = 'train', stats: bool = False):
     """The split of the bench world in ``'whole_scene'`` (stage 1) or ``'cube'`` (stage 2, GT crops) mode.
 

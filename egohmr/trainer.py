@@ -191,12 +191,8 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
         with preserved_rng():
             run_validation(0, 0, count_as_best=False)
 
-    sync = distributed.SyncCheck(model, args.log_step, logger)
-
     def step_fn(batch: Dict, epoch: int) -> Dict[str, float]:
-        losses = train_step(model, diffusion_train, sampler, recursive_to(batch, device), optimizer, epoch)
-        sync.after_step()
-        return losses
+        return train_step(model, diffusion_train, sampler, recursive_to(batch, device), optimizer, epoch)
 
     step = run_training_loop(args, train_loader, train_sampler, step_fn, run_validation, record, writer, logger,
                              format_losses, validated_at_start=args.val_at_start and resumed is None)

@@ -185,13 +185,9 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
             with preserved_rng():
                 run_validation(0, 0, count_as_best=False)   # the untrained model is logged, never saved as best
     mocap_iter = endless_batches(mocap_loader, mocap_sampler, start_batch=record.start_step)
-    sync = distributed.SyncCheck(model, args.log_step, logger)
-
     def step_fn(batch: Dict, epoch: int) -> Dict[str, float]:
-        losses = train_step(model, recursive_to(batch, device), recursive_to(next(mocap_iter), device),
-                            optimizer, optimizer_disc)
-        sync.after_step()
-        return losses
+        return train_step(model, recursive_to(batch, device), recursive_to(next(mocap_iter), device),
+                          optimizer, optimizer_disc)
 
     step = run_training_loop(args, train_loader, train_sampler, step_fn, run_validation, record, writer, logger,
                              format_losses, validated_at_start=args.val_at_start and resumed is None)

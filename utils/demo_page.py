@@ -65,27 +65,24 @@ def build_page(demo: str) -> str:
         parts += ['<h2>Metrics</h2>', '<p>One column per test run. Red rows are the joints outside the image '
                   '(<code>*_invis</code>; <code>mpjpe_invis_min_of_n</code>: the best of the samples per frame): '
                   'what the sampling is for.</p>', _metrics_table(metrics_json)]
-    plots = sorted(glob.glob(os.path.join(demo, 'results', '**', 'per_joint_errors.png'), recursive=True))
-    if plots:
-        parts.append('<h2>Per-joint error and sample spread</h2>')
-        for path in plots:
-            parts.append(_figure(path, demo, 'per SMPL joint, the error of the samples where the joint is visible '
-                                 '(blue) or outside the image (red; black tick: best sample), and below how far '
-                                 'the samples spread: wide red bars = the model is unsure where the unseen limbs '
-                                 'are.'))
-    curves = sorted(glob.glob(os.path.join(demo, 'runs_*', '*', 'curves.png')))
-    if curves:
-        parts.append('<h2>Training curves</h2>')
-        for path in curves:
-            parts.append(_figure(path, demo, 'training losses (left) and validation losses (right) over iterations, '
-                                 'log scale; thick black: the optimised total.'))
-    renders = sorted(glob.glob(os.path.join(demo, 'render', '*', '*.jpg')))
-    if renders:
-        parts.append('<h2>Renders</h2>')
-        for path in renders:
-            parts.append(_figure(path, demo, 'one row per sample: input image with the crop box | the sample '
-                                 'over the image | the sample in the 3D scene; frames with joints outside the image '
-                                 'are chosen, so rows differ where the camera sees nothing.', '900px'))
+    sections = [  # (heading, files, caption of each figure, figure width)
+        ('Per-joint error and sample spread', os.path.join('results', '**', 'per_joint_errors.png'),
+         'per SMPL joint, the error of the samples where the joint is visible (blue) or outside the image (red; '
+         'black tick: best sample), and below how far the samples spread: wide red bars = the model is unsure where '
+         'the unseen limbs are.', '100%'),
+        ('Training curves', os.path.join('runs_*', '*', 'curves.png'),
+         'training losses (left) and validation losses (right) over iterations, log scale; thick black: the '
+         'optimised total.', '100%'),
+        ('Renders', os.path.join('render', '*', '*.jpg'),
+         'one row per sample: input image with the crop box | the sample over the image | the sample in the 3D '
+         'scene; frames with joints outside the image are chosen, so rows differ where the camera sees nothing.',
+         '900px'),
+    ]
+    for heading, pattern, caption, width in sections:
+        paths = sorted(glob.glob(os.path.join(demo, pattern), recursive=True))
+        if paths:
+            parts.append(f'<h2>{heading}</h2>')
+            parts += [_figure(path, demo, caption, width) for path in paths]
     recording = os.path.join(demo, 'viewer_recording.html')
     if os.path.isfile(recording):
         parts += ['<h2>3D viewer</h2>', f'<p><a href="{_rel(recording, demo)}">viewer_recording.html</a>: a '

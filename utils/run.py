@@ -346,14 +346,22 @@ def write_metrics(metrics: dict, json_path: str, title: str = 'metrics') -> str:
 def run_training_loop(args, loader, sampler, step_fn, validate, record, writer, logger, format_losses,
                       validated_at_start: bool = False) -> int:
     """:func:`training_loop` with the flags of :func:`utils.cli.add_training_flags`, the run's
-    :class:`utils.run_state.RunRecord` (resume point, ``last_model.pt``), SIGTERM/SIGINT handling and the
-    closing of tensorboard and of the process group; returns the iterations done."""
+    :class:`utils.run_state.RunRecord` (resume point, ``last_model.pt``), SIGTERM/SIGINT handling, the
+    identical-weights check of the ranks under torchrun and the closing of tensorboard and of the process group;
+    returns the iterations done."""
     from utils import distributed
     from utils.run_state import StopRequest
+    sync = distributed.SyncCheck(record.model, args.log_step, logger)
+
+    def checked_step(batch, epoch):
+        losses = step_fn(batch, epoch)
+        sync.after_step()
+        return losses
+
     with StopRequest() as stop:
         step, _ = training_loop(
             loader, num_epoch=args.num_epoch, max_iters=args.max_iters, iters_per_epoch=len(loader),
-            log_step=args.log_step, val_step=args.val_step, save_step=args.save_step, train_step=step_fn,
+            log_step=args.log_step, val_step=args.val_step, save_step=args.save_step, train_step=checked_step,
             validate=validate, save_last=record.save_last, writer=writer, logger=logger,
             format_losses=format_losses, validated_at_start=validated_at_start, start_step=record.start_step,
             sampler=sampler, stop=stop)
