@@ -13,7 +13,6 @@ from collections import defaultdict
 from typing import Dict, Optional
 
 import torch
-from torch.utils.data import DataLoader
 
 from dataloaders.body_rep_stats import save_body_rep_stats
 from diffusion import UniformSampler, create_gaussian_diffusion
@@ -23,7 +22,7 @@ from utils import distributed
 from utils.io import DataError
 from utils.run import (check_finite_losses, check_run_paths, get_logger, log_scalars, open_run_dir,
                        open_summary_writer, prepare_run, recursive_to, run_training_loop)
-from utils.run_state import EpochSampler, RunRecord, choose_data_seed, preserved_rng, resume_request, run_config
+from utils.run_state import RunRecord, choose_data_seed, preserved_rng, resume_request, run_config, training_loaders
 
 VAL_METRIC = 'loss_keypoints_3d_vis'
 STATS_DIRNAME = 'preprocess_stats'
@@ -157,12 +156,7 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
             logger.info("warning: no --coap_checkpoint: COAP has random weights, so the penetration loss (from epoch "
                         f"{args.start_coap_epoch}) is meaningless; pass trained COAP weights or "
                         "--weight_coap_penetration 0")
-    train_sampler = EpochSampler(len(train_set), data_seed, shuffle=args.shuffle, rank=distributed.rank(),
-                                 num_replicas=distributed.world_size())
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler, drop_last=True,
-                              num_workers=args.num_workers, generator=torch.Generator().manual_seed(data_seed))
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                            generator=torch.Generator().manual_seed(data_seed))
+    train_loader, train_sampler, val_loader = training_loaders(args, train_set, val_set, data_seed)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=float(cfg.TRAIN.LR),
                                   weight_decay=float(cfg.TRAIN.WEIGHT_DECAY))
     diffusion_train = create_gaussian_diffusion(args.num_diffusion_timesteps, '')

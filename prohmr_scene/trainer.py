@@ -22,7 +22,7 @@ from utils.io import DataError
 from utils.run import (check_finite_losses, check_run_paths, get_logger, log_scalars, open_run_dir,
                        open_summary_writer, prepare_run, recursive_to, run_training_loop)
 from utils.run_state import (EpochSampler, RunRecord, choose_data_seed, endless_batches, preserved_rng,
-                             resume_request, run_config)
+                             resume_request, run_config, training_loaders)
 
 VAL_METRIC = 'loss_keypoints_3d_mode'
 
@@ -61,12 +61,7 @@ def build_loaders(args, cfg, data_seed: int):
     if len(train_set) < args.batch_size:
         raise DataError(f"the train split of '{args.dataset_root}' has {len(train_set)} frames, fewer than "
                         f"--batch_size {args.batch_size}")
-    train_sampler = EpochSampler(len(train_set), data_seed, shuffle=args.shuffle, rank=distributed.rank(),
-                                 num_replicas=distributed.world_size())
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler, drop_last=True,
-                              num_workers=args.num_workers, generator=torch.Generator().manual_seed(data_seed))
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                            generator=torch.Generator().manual_seed(data_seed))
+    train_loader, train_sampler, val_loader = training_loaders(args, train_set, val_set, data_seed)
     mocap_set = MoCapDataset(mocap_path(args.data_dir))
     mocap_sampler = EpochSampler(len(mocap_set), data_seed + 1, shuffle=True, rank=distributed.rank(),
                                  num_replicas=distributed.world_size())

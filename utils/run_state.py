@@ -369,3 +369,19 @@ def resume_request(args):
         return None, None
     path = resume_checkpoint_path(args.resume)
     return load_training_state(path), os.path.dirname(path)
+
+
+def training_loaders(args, train_set, val_set, data_seed: int):
+    """``(train loader, its EpochSampler, val loader)`` both trainers use: the training order of epoch e from
+    ``data_seed`` alone (this process's share under torchrun, ``drop_last``), worker seeds from ``data_seed``."""
+    import torch.utils.data
+    from utils import distributed
+    sampler = EpochSampler(len(train_set), data_seed, shuffle=args.shuffle, rank=distributed.rank(),
+                           num_replicas=distributed.world_size())
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                               num_workers=args.num_workers,
+                                               generator=torch.Generator().manual_seed(data_seed))
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, shuffle=False,
+                                             num_workers=args.num_workers,
+                                             generator=torch.Generator().manual_seed(data_seed))
+    return train_loader, sampler, val_loader
