@@ -137,7 +137,8 @@ def checkpoints(world, tmp_path_factory):
     stats = save_body_rep_stats(str(folder / 'stats'), np.zeros(144, np.float32), np.ones(144, np.float32))
     stage2 = str(folder / 's2' / 'best_model_vis.pt')
     atomic_torch_save({'state_dict': {'beta_layer.init_betas': torch.zeros(1, 10)}}, stage2)
-    return types.SimpleNamespace(stage1=stage1, stats=stats, stage2=stage2)
+    yield types.SimpleNamespace(stage1=stage1, stats=stats, stage2=stage2)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def dataset(cfg, root, **kwargs):

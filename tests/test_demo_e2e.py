@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,7 +18,8 @@ def tiny_demo(tmp_path_factory):
     proc = subprocess.run(['bash', os.path.join(ROOT, 'demo.sh')], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout
+    yield out, proc.stdout
+    shutil.rmtree(out, ignore_errors=True)        # about 2 GB of checkpoints
 
 
 def _finite_numbers(obj):
