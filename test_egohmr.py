@@ -7,7 +7,13 @@ min-of-N invisible MPJPE; std/APD diversity) plus corrected variants, and writes
 ``<checkpoint dir>/preprocess_stats/preprocess_stats.npz`` (or ``--stats_path``).
 
 All ``--num_samples`` samples of a batch are drawn in one reverse chain of batch ``S x bs`` (``--samples_per_chain``
-bounds it); the image and scene encoders run once per batch.
+bounds it); the image and scene encoders run once per batch. Every random draw of sample s of frame f (noise, COAP
+surface samples) comes from its own stream of ``--seed`` (``utils/frame_rng.py``), so the results do not depend on the
+batch size, the chain layout or the split.
+
+Large test sets can be split: ``--shard K/N`` evaluates share K of N (whole batches) into ``.../shards/``, and
+``--merge True`` with the same flags writes the outputs of the whole split; ``torchrun --nproc_per_node=G`` does both
+(each process its share, rank 0 the merge).
 """
 from __future__ import annotations
 
@@ -20,6 +26,16 @@ from utils.cli import (add_data_flags, add_scene_and_camera_flags, add_test_flag
 from utils.checks import error_line, output_dir_error
 from utils.io import DataError
 from utils.run import str2bool
+from utils.shards import add_shard_flags, share_flags_error
+
+STAGE = 'egohmr'
+# Flags every share of a split must have been run with.
+SHARE_SETTINGS = ('checkpoint', 'num_samples', 'seed', 'batch_size', 'shuffle', 'eval_spacing', 'two_stage',
+                  'scene_crop_by_stage1_transl', 'stage1_result_path', 'num_diffusion_timesteps',
+                  'timestep_respacing_eval', 'diffuse_fuse', 'with_coap_grad', 'cond_grad_weight', 'guide_final_step',
+                  'only_mask_img_cond', 'pelvis_vis_loosen', 'eval_coll_loss', 'eval_contact_score',
+                  'eval_with_vis_mask_pa', 'stats_path', 'collision_model', 'coap_checkpoint', 'precision',
+                  'scene_type', 'scene_cano', 'scene_downsample_rate', 'add_bbox_scale', 'dataset_root')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='sampling precision (bf16: autocast; see benchmarks/bench_speed.py for its effect)')
     p.add_argument('--save_pred_transl', default=None,
                    help='accepted for README compatibility and ignored (stage-2 test has no such output)')
+    add_shard_flags(p)
     return p
 
 
@@ -76,7 +93,7 @@ def check_args(args) -> str:
     if args.render and args.vis_o3d:
         return "--render and --vis_o3d cannot be used together"
     error = positive_flags_error(args, ('batch_size', 'num_samples', 'render_step', 'vis_step', 'eval_spacing',
-                                        'num_diffusion_timesteps', 'scene_downsample_rate'))
+                                        'num_diffusion_timesteps', 'scene_downsample_rate')) or share_flags_error(args)
     if error:
         return error
     if args.samples_per_chain < 0:
@@ -91,7 +108,7 @@ def check_args(args) -> str:
     if not os.path.isfile(args.checkpoint):
         return f"--checkpoint: no stage-2 checkpoint at '{args.checkpoint}'"
     error = output_dir_error(output_dir_of(args), '--save_root') or output_conflict_error(args)
-    if error:
+    if error or args.merge:
         return error
     if args.two_stage and not os.path.isfile(args.stage1_result_path):
         return (f"--two_stage: no stage-1 results at --stage1_result_path '{args.stage1_result_path}' "
@@ -125,6 +142,46 @@ def output_conflict_error(args) -> str:
             f"{'on' if ours['guidance'] else 'off'}) would overwrite them: pass another --save_root")
 
 
+def share_settings(args) -> dict:
+    paths = ('checkpoint', 'dataset_root', 'stage1_result_path', 'stats_path', 'coap_checkpoint')
+    return {name: (os.path.abspath(getattr(args, name)) if name in paths and getattr(args, name) else
+                   getattr(args, name)) for name in SHARE_SETTINGS}
+
+
+def write_outputs(args, out_dir: str, summary: dict, results: dict, predictions) -> None:
+    """The report, metrics.json, predictions.npz (``predictions``: the arrays, or None) and, with
+    ``--save_results``, the results pickle of the whole split."""
+    from egohmr.evaluate import format_report, json_safe
+    from utils.io import atomic_json_dump, atomic_pickle_dump
+    from utils.predictions import write_predictions
+    print('*** Final Results ***')
+    print(format_report(summary))
+    record = dict(summary['metrics'], num_frames=summary['num_frames'], num_samples=summary['num_samples'],
+                  notes=summary['notes'], checkpoint=args.checkpoint, sampling=args.timestep_respacing_eval,
+                  guidance=bool(args.with_coap_grad), seed=args.seed)
+    metrics_path = os.path.join(out_dir, 'metrics.json')
+    atomic_json_dump(json_safe(record), metrics_path)
+    print(f"metrics written to {metrics_path}")
+    if predictions is not None:
+        write_predictions(predictions, out_dir, title=f'stage 2 ({args.timestep_respacing_eval})')
+    if args.save_results:
+        path = os.path.join(out_dir, f'results_seed_{args.seed}.pkl')
+        atomic_pickle_dump(results, path, protocol=2)
+        print(f"sampled results written to {path}")
+
+
+def merge_shares(args, out_dir: str) -> dict:
+    """``--merge``: the outputs of the whole split from the shares in ``<out_dir>/shards``."""
+    from egohmr.evaluate import Stage2Metrics, merge_results
+    from utils.shards import load_shards, merged_predictions
+    shares = load_shards(out_dir, STAGE, share_settings(args))
+    summary = Stage2Metrics.merged([s['metrics_state'] for s in shares]).summary()
+    results = merge_results([(s['frame_index'], s['results']) for s in shares])
+    print(f"merged {len(shares)} shares ({summary['num_frames']} frames) from {out_dir}/shards")
+    write_outputs(args, out_dir, summary, results, merged_predictions(shares))
+    return {'summary': summary, 'results': results}
+
+
 def run(args) -> dict:
     from torch.utils.data import DataLoader
 
@@ -134,19 +191,24 @@ def run(args) -> dict:
     from diffusion import create_gaussian_diffusion
     from egohmr import collision
     from egohmr.checkpoints import checkpoint_run_dir, load_egohmr_weights
-    from egohmr.evaluate import evaluate, format_report, json_safe
+    from egohmr.evaluate import evaluate
     from egohmr.guidance import CollisionGuidance
     from egohmr.model import EgoHMR
     from egohmr.trainer import respacing_of, sampling_method_of
     from egohmr.visualize import make_open3d_hook, make_render_hook
-    from utils.io import atomic_json_dump, atomic_pickle_dump
-    from utils.predictions import PredictionRecorder, chain_hooks, stage2_hook, write_predictions
+    from utils import distributed
+    from utils.predictions import PredictionRecorder, chain_hooks, stage2_hook
     from utils.run import get_device, seed_everything
+    from utils.shards import finish_share, process_share, split_dataset
 
+    out_dir = output_dir_of(args)
+    if args.merge:
+        return merge_shares(args, out_dir)
     if args.save_pred_transl is not None:
         print("note: --save_pred_transl is a stage-1 option; test_egohmr.py ignores it (use --save_results)")
     seed_everything(args.seed)
-    device = get_device(args.gpu_id, args.device)
+    device = distributed.init_distributed(args.device) or get_device(args.gpu_id, args.device)
+    share = process_share(args)
     # the stage-2 config with this run's flags (which already agree with the checkpoint's recorded run)
     cfg = egohmr_config(args.model_cfg, args, explicit=set(vars(args)))
     x_mean, x_std = load_body_rep_stats(args.stats_path or checkpoint_run_dir(args.checkpoint))
@@ -171,9 +233,9 @@ def run(args) -> dict:
                              scene_crop_by_stage1_transl=args.scene_crop_by_stage1_transl,
                              load_stage1_transl=args.two_stage, stage1_result_path=args.stage1_result_path,
                              scene_cano=args.scene_cano, scene_downsample_rate=args.scene_downsample_rate)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=args.shuffle, num_workers=args.num_workers)
+    loader = DataLoader(split_dataset(dataset, args.batch_size, share), batch_size=args.batch_size,
+                        shuffle=args.shuffle, num_workers=args.num_workers)
 
-    out_dir = output_dir_of(args)
     folder = os.path.basename(out_dir)
     faces = model.smpl.faces.astype('int64')
     hook = visual_hook(
@@ -192,25 +254,18 @@ def run(args) -> dict:
                           occupancy_model=occupancy if args.eval_coll_loss else None,
                           eval_contact=args.eval_contact_score, eval_with_vis_mask_pa=args.eval_with_vis_mask_pa,
                           samples_per_chain=args.samples_per_chain or None, log_freq=args.log_freq, on_batch=hook,
-                          guide_final_step=args.guide_final_step, precision=args.precision)
+                          guide_final_step=args.guide_final_step, precision=args.precision,
+                          sample_seed=args.seed)
     finally:
         close_hook(hook)
-    summary = result['summary']
-    print('*** Final Results ***')
-    print(format_report(summary))
-    record = dict(summary['metrics'], num_frames=summary['num_frames'], num_samples=summary['num_samples'],
-                  notes=summary['notes'], checkpoint=args.checkpoint, sampling=args.timestep_respacing_eval,
-                  guidance=guidance is not None, seed=args.seed)
-    metrics_path = os.path.join(out_dir, 'metrics.json')
-    atomic_json_dump(json_safe(record), metrics_path)
-    print(f"metrics written to {metrics_path}")
-    if recorder is not None:
-        write_predictions(recorder, out_dir, title=f'stage 2 ({args.timestep_respacing_eval})')
-    if args.save_results:
-        path = os.path.join(out_dir, f'results_seed_{args.seed}.pkl')
-        atomic_pickle_dump(result['results'], path, protocol=2)
-        print(f"sampled results written to {path}")
-    return result
+    predictions = recorder.arrays() if recorder is not None else None
+    if share is None:
+        write_outputs(args, out_dir, result['summary'], result['results'], predictions)
+        return result
+    payload = {'frame_index': result['frame_index'], 'num_frames_split': len(dataset),
+               'metrics_state': result['metrics_state'], 'results': result['results'], 'predictions': predictions}
+    return finish_share(out_dir, share, STAGE, share_settings(args), payload, lambda: merge_shares(args, out_dir)) \
+        or result
 
 
 def main(argv=None) -> int:
@@ -222,11 +277,14 @@ def main(argv=None) -> int:
     if message:
         print(f"error: {message}", file=sys.stderr)
         return 2
+    from utils import distributed
     try:
         run(args)
     except (DataError, FileNotFoundError, ValueError) as exc:
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 1
+    finally:
+        distributed.close_distributed()
     return 0
 
 

@@ -3,6 +3,11 @@
 Prints G-MPJPE, MPJPE, PA-MPJPE, G-V2V, V2V, PA-V2V (mm, mode sample, 24 joints), saves them to
 ``<save_root>/output_prohmr_scene_<id>/metrics.json`` and, with ``--save_pred_transl``, the mode translations to
 ``.../results.pkl`` (or to the path given as ``--save_pred_transl=PATH``). ``<id>`` is the checkpoint's folder name.
+
+Large test sets can be split: ``--shard K/N`` evaluates share K of N (whole batches) into ``.../shards/``, and
+``--merge True`` with the same flags writes the outputs of the whole split; ``torchrun --nproc_per_node=G`` does both
+(each process its share, rank 0 the merge). The flow's random samples of frame f come from per-frame streams of
+``--seed`` (``utils/frame_rng.py``), so outputs do not depend on the batch size or the split.
 """
 from __future__ import annotations
 
@@ -15,6 +20,12 @@ from utils.cli import (add_data_flags, add_scene_and_camera_flags, add_test_flag
 from utils.checks import error_line, output_dir_error, output_file_error
 from utils.io import DataError
 from utils.run import str2bool
+from utils.shards import add_shard_flags, share_flags_error
+
+STAGE = 'prohmr_scene'
+# Flags every share of a split must have been run with.
+SHARE_SETTINGS = ('checkpoint', 'num_samples', 'seed', 'batch_size', 'shuffle', 'scene_type', 'scene_cano',
+                  'scene_downsample_rate', 'add_bbox_scale', 'dataset_root')
 
 
 def bool_or_path(value):
@@ -33,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--num_samples', type=int, default=5, help='samples per image (the mode plus num_samples-1)')
     p.add_argument('--save_pred_transl', type=bool_or_path, default=True,
                    help='save the mode translations (results.pkl); True/False or a file path')
+    add_shard_flags(p)
     return p
 
 
@@ -60,6 +72,38 @@ def output_paths_error(args) -> str:
             or (output_file_error(pkl, '--save_pred_transl') if pkl else ''))
 
 
+def share_settings(args) -> dict:
+    return {name: (os.path.abspath(getattr(args, name)) if name in ('checkpoint', 'dataset_root')
+                   else getattr(args, name)) for name in SHARE_SETTINGS}
+
+
+def write_outputs(args, out_dir: str, result: dict, predictions) -> None:
+    """metrics.json, predictions.npz (``predictions``: the arrays, or None) and results.pkl of the whole split."""
+    from utils.io import atomic_pickle_dump
+    from utils.predictions import write_predictions
+    from utils.run import write_metrics
+    print(write_metrics(result['metrics'], os.path.join(out_dir, 'metrics.json'),
+                       title=f"stage-1 test, {result['num_frames']} frames, checkpoint {args.checkpoint}"))
+    if predictions is not None:
+        write_predictions(predictions, out_dir, title='stage 1')
+    pkl = results_path(args.save_pred_transl, out_dir)
+    if pkl:
+        atomic_pickle_dump({'pred_cam_full_list': result['pred_cam_full']}, pkl)
+        print(f"saved mode translations [{len(result['pred_cam_full'])}, 3] to {pkl}")
+
+
+def merge_shares(args, out_dir: str) -> dict:
+    """``--merge``: the outputs of the whole split from the shares in ``<out_dir>/shards``."""
+    from prohmr_scene.evaluate import MetricAccumulator, summarize
+    from utils.shards import load_shards, merged_predictions
+    shares = load_shards(out_dir, STAGE, share_settings(args))
+    result = summarize(MetricAccumulator.merged([s['metrics_state'] for s in shares]),
+                       [s['pred_cam_full'] for s in shares])
+    print(f"merged {len(shares)} shares ({result['num_frames']} frames) from {out_dir}/shards")
+    write_outputs(args, out_dir, result, merged_predictions(shares))
+    return result
+
+
 def run(args) -> dict:
     from torch.utils.data import DataLoader
 
@@ -69,13 +113,18 @@ def run(args) -> dict:
     from prohmr_scene.evaluate import evaluate
     from prohmr_scene.model import ProHMRScene
     from prohmr_scene.visualize import make_render_hook
+    from utils import distributed
     from utils.render_views import make_open3d_hook
-    from utils.io import atomic_pickle_dump
-    from utils.predictions import PredictionRecorder, chain_hooks, stage1_hook, write_predictions
-    from utils.run import get_device, seed_everything, write_metrics
+    from utils.predictions import PredictionRecorder, chain_hooks, stage1_hook
+    from utils.run import get_device, seed_everything
+    from utils.shards import finish_share, process_share, split_dataset
 
+    out_dir = output_dir_of(args)
+    if args.merge:
+        return merge_shares(args, out_dir)
     seed_everything(args.seed)
-    device = get_device(args.gpu_id, args.device)
+    device = distributed.init_distributed(args.device) or get_device(args.gpu_id, args.device)
+    share = process_share(args)
     cfg = get_config(args.model_cfg, overrides=['TRAIN.NUM_TEST_SAMPLES', args.num_samples])
     model = ProHMRScene(cfg, data_dir=args.data_dir, with_focal_length=args.with_focal_length,
                         with_bbox_info=args.with_bbox_info, with_cam_center=args.with_cam_center,
@@ -88,9 +137,9 @@ def run(args) -> dict:
                              scene_cano=args.scene_cano, scene_downsample_rate=args.scene_downsample_rate)
     if len(dataset) == 0:
         raise DataError(f"the test split is empty: '{dataset.npz_path}' has no frames")
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=args.shuffle, num_workers=args.num_workers)
+    loader = DataLoader(split_dataset(dataset, args.batch_size, share), batch_size=args.batch_size,
+                        shuffle=args.shuffle, num_workers=args.num_workers)
 
-    out_dir = output_dir_of(args)
     folder = os.path.basename(out_dir)
     faces = model.smpl.faces.astype('int64')
     render_dir = os.path.join(args.output_render_root, folder)
@@ -103,18 +152,19 @@ def run(args) -> dict:
     if recorder is not None:
         hook = chain_hooks(hook, stage1_hook(recorder, float(cfg.CAM.FX_NORM_COEFF)))
     try:
-        result = evaluate(model, loader, device, log_freq=args.log_freq, on_batch=hook)
+        result = evaluate(model, loader, device, log_freq=args.log_freq, on_batch=hook, sample_seed=args.seed)
     finally:
         close_hook(hook)
-    print(write_metrics(result['metrics'], os.path.join(out_dir, 'metrics.json'),
-                       title=f"stage-1 test, {result['num_frames']} frames, checkpoint {args.checkpoint}"))
-    if recorder is not None:
-        write_predictions(recorder, out_dir, title='stage 1')
-    pkl = results_path(args.save_pred_transl, out_dir)
-    if pkl:
-        atomic_pickle_dump({'pred_cam_full_list': result['pred_cam_full']}, pkl)
-        print(f"saved mode translations [{len(result['pred_cam_full'])}, 3] to {pkl}")
-    return result
+    predictions = recorder.arrays() if recorder is not None else None
+    if share is None:
+        write_outputs(args, out_dir, result, predictions)
+        return result
+    payload = {'frame_index': result['frame_index'], 'num_frames_split': len(dataset),
+               'metrics_state': result['metrics_state'], 'pred_cam_full': result['pred_cam_full'],
+               'predictions': predictions}
+    print(f"share {share[0]}/{share[1]}:\n{result['table']}")
+    return finish_share(out_dir, share, STAGE, share_settings(args), payload, lambda: merge_shares(args, out_dir)) \
+        or result
 
 
 def main(argv=None) -> int:
@@ -129,15 +179,18 @@ def main(argv=None) -> int:
                                         'scene_downsample_rate'))
     if not error and args.render:
         error = render_error()
-    error = error or output_paths_error(args)
+    error = error or share_flags_error(args) or output_paths_error(args)
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    from utils import distributed
     try:
         run(args)
     except (DataError, FileNotFoundError) as exc:
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 1
+    finally:
+        distributed.close_distributed()
     return 0
 
 

@@ -279,7 +279,8 @@ class EgoBodyDataset(Dataset):
         return self.get_item(index, params)
 
     def get_item(self, index: int, params: AugParams = NO_AUGMENTATION) -> Dict:
-        """Item ``index`` with the given augmentation (the keys of the original's ``__getitem__``).
+        """Item ``index`` with the given augmentation (the keys of the original's ``__getitem__``, plus
+        ``frame_index``: the frame's row in the split's annotation npz, which per-frame sampling streams use).
 
         ``transl`` is re-derived from the augmented pelvis whenever the dataset was built with ``do_augment``.
         """
@@ -326,6 +327,7 @@ class EgoBodyDataset(Dataset):
             'transf_kinect2holo': kinect2holo.copy(),
             'transf_holo2pv': holo2pv.copy(),
             'scene_pcd_verts_full': np.ascontiguousarray(out['scene_points'][::self.scene_downsample_rate]),
+            'frame_index': np.int64(index * self.spacing),     # the frame's row in the split's annotation npz
         }
         if self.load_stage1_transl:
             item['stage1_transl_full'] = self.stage1_transl_full[index].astype(np.float32)

@@ -18,6 +18,10 @@ Follows the structure of OpenAI's guided-diffusion, reduced to what an x0-predic
 
   None means "no guidance at this step"; a returned tensor must have x's shape.
 
+* the per-step noise of the sampling loops is ``torch.randn_like(x)`` unless a ``noise_fn(x, t) -> tensor of x's
+  shape`` is given (``t``: the respaced step index tensor); with it the caller decides where every draw comes from
+  (per-row generators make a row's chain independent of the batch it runs in).
+
 Schedule tables are float64 numpy arrays; values gathered for a batch of timesteps are cast to
 float32 before they multiply tensors (as the original implementation does).
 """
@@ -67,6 +71,16 @@ def _loop_result(step_out):
     """Final result of a sampling loop: the last step's sample, x0 prediction and model output dict (j = 0)."""
     return {"sample": step_out["sample"], "pred_xstart": step_out["pred_xstart"],
             "model_output": step_out["model_output"]}
+
+
+def _step_noise(noise_fn, x, t):
+    """The step's noise: ``torch.randn_like(x)``, or ``noise_fn(x, t)`` checked to have x's shape."""
+    if noise_fn is None:
+        return torch.randn_like(x)
+    noise = noise_fn(x, t)
+    if noise.shape != x.shape:
+        raise ValueError(f"noise_fn returned a tensor of shape {tuple(noise.shape)}, expected {tuple(x.shape)}")
+    return noise.to(device=x.device, dtype=x.dtype)
 
 
 def _check_hook_result(name, value, x):
@@ -209,14 +223,15 @@ class GaussianDiffusion:
             eps = eps - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x.shape) * grad
             return self.predict_xstart_from_eps(x, t, eps)
 
-    def p_sample(self, model, x, t, model_kwargs=None, cond_mean_fn=None):
+    def p_sample(self, model, x, t, model_kwargs=None, cond_mean_fn=None, noise_fn=None):
         """One DDPM step x_t -> x_{t-1}: model, draw eps, guidance hook (this order matters for the RNG stream).
 
+        :param noise_fn: optional ``noise_fn(x, t)`` giving the step's noise (module docstring).
         :return: dict(sample, pred_xstart, model_output).
         """
         with torch.no_grad():
             out = self.p_mean_variance(model, x, t, model_kwargs)
-            noise = torch.randn_like(x)
+            noise = _step_noise(noise_fn, x, t)
         mean = out["mean"]
         if cond_mean_fn is not None:
             mean = self.condition_mean(cond_mean_fn, out, x, t, model_kwargs)
@@ -226,31 +241,32 @@ class GaussianDiffusion:
         return {"sample": sample, "pred_xstart": out["pred_xstart"], "model_output": out["model_output"]}
 
     def p_sample_loop_progressive(self, model, shape, noise=None, model_kwargs=None, cond_mean_fn=None,
-                                  device=None, progress=False):
+                                  device=None, progress=False, noise_fn=None):
         """Yield the dict of every DDPM step, from j = N-1 down to 0 (see :meth:`p_sample`)."""
         device = _default_device(model, noise, device)
         x = noise if noise is not None else torch.randn(*shape, device=device)
         for j in _timestep_iterator(self.num_timesteps, progress):
             t = torch.full((x.shape[0],), j, dtype=torch.long, device=device)
-            step = self.p_sample(model, x, t, model_kwargs, cond_mean_fn)
+            step = self.p_sample(model, x, t, model_kwargs, cond_mean_fn, noise_fn)
             yield step
             x = step["sample"]
 
     def p_sample_loop(self, model, shape, noise=None, model_kwargs=None, cond_mean_fn=None, device=None,
-                      progress=False):
+                      progress=False, noise_fn=None):
         """Full DDPM reverse chain from x_N ~ N(0, I) (or ``noise``).
 
         :param shape: shape of x, e.g. (bs, 144).
         :param cond_mean_fn: optional guidance hook (module docstring).
+        :param noise_fn: optional per-step noise (module docstring).
         :return: dict(sample=final x, pred_xstart, model_output=model output dict of the last step j=0).
         """
         final = None
         for step in self.p_sample_loop_progressive(model, shape, noise, model_kwargs, cond_mean_fn, device,
-                                                   progress):
+                                                   progress, noise_fn):
             final = step
         return _loop_result(final)
 
-    def ddim_sample(self, model, x, t, model_kwargs=None, cond_score_fn=None, eta=0.0):
+    def ddim_sample(self, model, x, t, model_kwargs=None, cond_score_fn=None, eta=0.0, noise_fn=None):
         """One DDIM step x_t -> x_{t-1}: model, guidance hook, draw eps (this order matters for the RNG stream).
 
         :return: dict(sample, pred_xstart, model_output).
@@ -265,44 +281,45 @@ class GaussianDiffusion:
             abar = extract_into_tensor(self.alphas_cumprod, t, x.shape)
             abar_prev = extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
             sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
-            noise = torch.randn_like(x)
+            noise = _step_noise(noise_fn, x, t)
             mean_pred = pred_xstart * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
             nonzero = (t != 0).float().reshape((-1,) + (1,) * (x.dim() - 1))
             sample = mean_pred + nonzero * sigma * noise
         return {"sample": sample, "pred_xstart": pred_xstart, "model_output": out["model_output"]}
 
     def ddim_sample_loop_progressive(self, model, shape, noise=None, model_kwargs=None, cond_score_fn=None,
-                                     eta=0.0, device=None, progress=False):
+                                     eta=0.0, device=None, progress=False, noise_fn=None):
         """Yield the dict of every DDIM step, from j = N-1 down to 0 (see :meth:`ddim_sample`)."""
         device = _default_device(model, noise, device)
         x = noise if noise is not None else torch.randn(*shape, device=device)
         for j in _timestep_iterator(self.num_timesteps, progress):
             t = torch.full((x.shape[0],), j, dtype=torch.long, device=device)
-            step = self.ddim_sample(model, x, t, model_kwargs, cond_score_fn, eta)
+            step = self.ddim_sample(model, x, t, model_kwargs, cond_score_fn, eta, noise_fn)
             yield step
             x = step["sample"]
 
     def ddim_sample_loop(self, model, shape, noise=None, model_kwargs=None, cond_score_fn=None, eta=0.0,
-                         device=None, progress=False):
+                         device=None, progress=False, noise_fn=None):
         """Full DDIM reverse chain (deterministic given x_N for eta = 0; one randn is still drawn per step).
 
         :return: same structure as :meth:`p_sample_loop`.
         """
         final = None
         for step in self.ddim_sample_loop_progressive(model, shape, noise, model_kwargs, cond_score_fn, eta,
-                                                      device, progress):
+                                                      device, progress, noise_fn):
             final = step
         return _loop_result(final)
 
     def sample(self, model, shape, method="ddpm", noise=None, model_kwargs=None, guidance=None, eta=0.0,
-               device=None, progress=False):
+               device=None, progress=False, noise_fn=None):
         """Run a full reverse chain with ``method`` 'ddpm' (:meth:`p_sample_loop`) or 'ddim'
         (:meth:`ddim_sample_loop`). ``guidance``: None, or an object with ``condition_mean`` (DDPM) and
-        ``condition_score`` (DDIM) hooks of the module docstring's signatures."""
+        ``condition_score`` (DDIM) hooks of the module docstring's signatures; ``noise``: the starting x_N;
+        ``noise_fn``: the per-step noise (module docstring)."""
         if method == "ddpm":
             hook = None if guidance is None else guidance.condition_mean
-            return self.p_sample_loop(model, shape, noise, model_kwargs, hook, device, progress)
+            return self.p_sample_loop(model, shape, noise, model_kwargs, hook, device, progress, noise_fn)
         if method == "ddim":
             hook = None if guidance is None else guidance.condition_score
-            return self.ddim_sample_loop(model, shape, noise, model_kwargs, hook, eta, device, progress)
+            return self.ddim_sample_loop(model, shape, noise, model_kwargs, hook, eta, device, progress, noise_fn)
         raise ValueError(f"unknown sampling method {method!r}; expected 'ddpm' or 'ddim'")

@@ -89,12 +89,13 @@ def gather_box_points(scene_points: torch.Tensor, vertices: torch.Tensor,
 
 
 def per_body_losses(occupancy_model, scene_points: torch.Tensor, body: SMPLOutput,
-                    max_point_index: Optional[int] = None) -> torch.Tensor:
-    """Per-body collision loss ``[B]`` (0 where no scene point is in the body box); differentiable w.r.t. the body."""
+                    max_point_index: Optional[int] = None, generators: Optional[list] = None) -> torch.Tensor:
+    """Per-body collision loss ``[B]`` (0 where no scene point is in the body box); differentiable w.r.t. the body.
+    ``generators``: one per body for COAP's surface samples (:mod:`utils.frame_rng`), or None (the torch RNG)."""
     points, counts = gather_box_points(scene_points, body.vertices, max_point_index)
     if max(counts) == 0:
         return body.vertices.new_zeros(scene_points.shape[0]) * body.vertices.sum()
-    return _collision_loss(occupancy_model, points, body).reshape(-1)
+    return _collision_loss(occupancy_model, points, body, generators).reshape(-1)
 
 
 def _uses_sparse_path(occupancy_model, body) -> bool:
@@ -103,15 +104,15 @@ def _uses_sparse_path(occupancy_model, body) -> bool:
     return hasattr(occupancy_model, 'sparse_query') and not occupancy_model._cache_is_valid(body)
 
 
-def _collision_loss(occupancy_model, points, body) -> torch.Tensor:
+def _collision_loss(occupancy_model, points, body, generators=None) -> torch.Tensor:
     if _uses_sparse_path(occupancy_model, body):
-        return occupancy_model.sparse_collision_loss(points, body)
+        return occupancy_model.sparse_collision_loss(points, body, generators)
     return occupancy_model.collision_loss(points, body)
 
 
-def _occupancy(occupancy_model, points, body) -> torch.Tensor:
+def _occupancy(occupancy_model, points, body, generators=None) -> torch.Tensor:
     if _uses_sparse_path(occupancy_model, body):
-        return occupancy_model.sparse_query(points, body)[0]
+        return occupancy_model.sparse_query(points, body, generators)[0]
     return occupancy_model.query(points, body)
 
 
@@ -136,19 +137,20 @@ def seeded_rng(seed: Optional[int], device: torch.device):
 
 @torch.no_grad()
 def collision_ratio(occupancy_model, scene_points, vertices, joints, rotmats,
-                    seed: Optional[int] = COAP_SAMPLE_SEED) -> np.ndarray:
+                    seed: Optional[int] = COAP_SAMPLE_SEED, generators: Optional[list] = None) -> np.ndarray:
     """``#(occupancy > 0.5) / P`` per body ``[B]`` (P = all scene points of that frame, as the original's metric).
 
     COAP encodes a body from new random surface samples on each call, so the original's metric is itself random and
     advances the global RNG. Here its samples come from ``seed`` in a forked RNG (None: the global stream, as the
-    original), so two runs that differ only in guidance score the same body alike.
+    original), so two runs that differ only in guidance score the same body alike. ``generators`` (one per body,
+    :mod:`utils.frame_rng`) replace that stream: then a body's score does not depend on the batch it is in.
     """
     body = body_for_occupancy(vertices, joints, rotmats)
     points, counts = gather_box_points(scene_points, body.vertices)
     if max(counts) == 0:
         return np.zeros(scene_points.shape[0])
-    with seeded_rng(seed, points.device):
-        occupancy = _occupancy(occupancy_model, points, body)
+    with seeded_rng(None if generators is not None else seed, points.device):
+        occupancy = _occupancy(occupancy_model, points, body, generators)
     return ((occupancy > OCCUPANCY_LEVEL).sum(dim=1).double() / scene_points.shape[1]).cpu().numpy()
 
 

@@ -3,8 +3,11 @@
 Sampling: the image and scene encoders run once per batch (:meth:`EgoHMR.sampling_condition`); the condition, camera
 and a ``[S*bs, 144]`` noise tensor then go through ONE reverse chain per chunk of samples. Row ``s*bs + i`` is sample
 ``s`` of frame ``i``. RNG semantics differ from the original (which ran S chains one after the other, each drawing
-``[bs, 144]`` noise per step): here one ``randn`` per step covers all samples of the chunk. With a fixed seed the
-results are reproducible, but they are not bit-identical to the sequential order.
+``[bs, 144]`` noise per step). With ``sample_seed`` (the test script's ``--seed``) every draw of sample ``s`` of frame
+``f`` -- the starting noise, each step's noise, COAP's surface samples of each guided step and of the collision
+ratio -- comes from its own stream seeded by ``(seed, f, s, purpose, step)`` (:mod:`utils.frame_rng`), so a frame's
+samples do not depend on the batch size, ``--samples_per_chain``, the workers or the shard it runs in. Without it,
+one ``randn`` per step covers all samples of the chunk (reproducible under a fixed global seed, batch-dependent).
 
 Metrics keep the original definitions (so numbers compare with the paper), including its oddities; corrected
 variants are reported under other names (``apd_joints_standard``, ``pa_mpjpe_vis_subset``, ``contact_ratio_euclid``).
@@ -19,9 +22,10 @@ import numpy as np
 import torch
 
 from egohmr import collision
-from egohmr.guidance import SAMPLES_IN_CHAIN_KEY, CollisionGuidance
+from egohmr.guidance import ROW_STREAMS_KEY, SAMPLES_IN_CHAIN_KEY, CollisionGuidance
 from egohmr.model import POSE_ONLY_KEY
 from egohmr.visibility import in_image_mask
+from utils.frame_rng import RowStreams, frame_indices
 from utils.tensors import to_numpy
 from utils.metrics import masked_procrustes, similarity_procrustes
 
@@ -30,6 +34,9 @@ CONTACT_SQ_THRESHOLD = 0.02        # the original compares a SQUARED distance (m
 CONTACT_EUCLID_THRESHOLD = 0.02    # corrected variant: 2 cm Euclidean
 SAMPLING_METHODS = ('ddpm', 'ddim')
 PRECISIONS = ('fp32', 'bf16')
+# The arrays of the results pickle (``results_seed_<seed>.pkl``), one row per frame.
+RESULT_KEYS = ('pred_betas_list', 'pred_global_orient_list', 'pred_body_pose_list', 'collision_ratio_list',
+               'contact_ratio_list', 'pred_cam_full_list', 'gt_cam_full_list')
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
@@ -66,7 +73,7 @@ def untile(x: torch.Tensor, times: int) -> torch.Tensor:
 def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 'ddpm',
                  guidance: Optional[CollisionGuidance] = None, samples_per_chain: Optional[int] = None,
                  occupancy_model=None, guide_final_step: bool = False,
-                 precision: str = 'fp32') -> Dict[str, torch.Tensor]:
+                 precision: str = 'fp32', sample_seed: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Draw ``num_samples`` poses per frame with full reverse chains; returns ``[bs, S, ...]`` tensors.
 
     Keys: ``global_orient [bs,S,1,3,3]``, ``body_pose [bs,S,23,3,3]``, ``betas [bs,S,10]``, ``rotmats``,
@@ -77,6 +84,7 @@ def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 
     ``guidance``: the collision guidance (DDPM and DDIM hooks), or None. ``samples_per_chain`` bounds the samples
     batched into one chain (memory); default all. Each body gets the guidance gradient of its own sample's chain
     however many samples share one chain. ``precision``: :func:`sampling_precision` (outputs are float32).
+    ``sample_seed``: draw from per-frame streams (module docstring; needs ``batch['frame_index']``), or None.
     """
     if method not in SAMPLING_METHODS:
         raise ValueError(f"sampling method must be one of {SAMPLING_METHODS}, got {method!r}")
@@ -85,11 +93,25 @@ def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 
     model.eval()
     with sampling_precision(precision, model.device):
         return _sample_poses(model, diffusion, batch, num_samples, method, guidance, samples_per_chain,
-                             occupancy_model, guide_final_step)
+                             occupancy_model, guide_final_step, sample_seed)
+
+
+def chain_noise(diffusion, streams: RowStreams, width: int, device) -> Dict:
+    """``diffusion.sample``'s ``noise`` (x_N from each row's ('diffusion_noise', N) stream) and ``noise_fn`` (step
+    ``j``'s noise from its ('diffusion_noise', j) stream) for the rows of ``streams``."""
+    def noise_fn(x, t):
+        return streams.randn(x.shape[1], 'diffusion_noise', int(t[0]), x.device, x.dtype)
+    return {'noise': streams.randn(width, 'diffusion_noise', diffusion.num_timesteps, device),
+            'noise_fn': noise_fn}
 
 
 def _sample_poses(model, diffusion, batch, num_samples, method, guidance, samples_per_chain, occupancy_model,
-                  guide_final_step) -> Dict[str, torch.Tensor]:
+                  guide_final_step, sample_seed=None) -> Dict[str, torch.Tensor]:
+    frames = None
+    if sample_seed is not None:
+        frames = frame_indices(batch)
+        if frames is None:
+            raise ValueError("per-frame sampling streams need the batch's 'frame_index' (EgoBodyDataset items)")
     condition = model.sampling_condition(batch)
     bs = batch['fx'].shape[0]
     chunk = max(1, min(num_samples, samples_per_chain or num_samples))
@@ -98,8 +120,14 @@ def _sample_poses(model, diffusion, batch, num_samples, method, guidance, sample
     while done < num_samples:
         times = min(chunk, num_samples - done)
         chain_batch = sampling_batch(batch, condition, times)
+        streams, draws = None, {}
+        if frames is not None:
+            streams = RowStreams.sample_major(sample_seed, frames, done, times)
+            chain_batch[ROW_STREAMS_KEY] = streams
+            draws = chain_noise(diffusion, streams, 6 * 24, model.device)
         result = diffusion.sample(model.denoise, (times * bs, 6 * 24), method=method,
-                                  model_kwargs={'batch': chain_batch}, guidance=guidance, device=model.device)
+                                  model_kwargs={'batch': chain_batch}, guidance=guidance, device=model.device,
+                                  **draws)
         out = decoded_output(model, result, chain_batch)
         if guide_final_step and guidance is not None and method == 'ddpm':
             out = final_guided_prediction(model, guidance, chain_batch, result)
@@ -107,7 +135,8 @@ def _sample_poses(model, diffusion, batch, num_samples, method, guidance, sample
                  'joints': out['pred_keypoints_3d'].float(), 'vertices': out['pred_vertices'].float()}
         if occupancy_model is not None:
             ratio = collision.collision_ratio(occupancy_model, chain_batch['condition']['scene_points'],
-                                              out['pred_vertices'], out['pred_keypoints_3d'], out['pred_rotmats'])
+                                              out['pred_vertices'], out['pred_keypoints_3d'], out['pred_rotmats'],
+                                              generators=streams.generators('collision_ratio') if streams else None)
             piece['collision_ratio'] = torch.from_numpy(ratio)
         pieces.append({k: untile(v, times) for k, v in piece.items()})
         done += times
@@ -201,7 +230,8 @@ class Stage2Metrics:
     """Accumulates per-frame, per-sample errors and reduces them as ``test_egohmr.py`` does.
 
     ``update`` takes one batch (pelvis alignment, visibility and Procrustes happen here); ``summary`` returns the
-    final numbers (mm, ratios unscaled) plus notes.
+    final numbers (mm, ratios unscaled) plus notes. Given the frames' indices, the per-frame rows are reduced in
+    frame order, so the accumulators of several shares (:meth:`state`, :meth:`merged`) give the numbers of one run.
     """
 
     def __init__(self, num_samples: int, eval_with_vis_mask_pa: bool = True):
@@ -217,14 +247,14 @@ class Stage2Metrics:
         self.rows.setdefault(name, []).append(np.asarray(values, dtype=np.float64))
 
     def update(self, pred_joints, pred_vertices, input_transl, gt_joints, gt_vertices, focal_px, cam_center,
-               scene_points_full=None, collision_ratio=None) -> None:
+               scene_points_full=None, collision_ratio=None, frame_index=None) -> None:
         """One batch.
 
         pred_joints ``[bs,S,>=24,3]`` / pred_vertices ``[bs,S,V,3]``: neutral SMPL without translation;
         input_transl ``[bs,3]``: the translation given to the model (stage 1 or GT); gt_joints ``[bs,>=24,3]`` /
         gt_vertices ``[bs,V,3]``: gender SMPL with the GT translation (PV frame); focal_px ``[bs]``;
         cam_center ``[bs,2]``; scene_points_full ``[bs,P,3]`` (PV frame) for the contact score;
-        collision_ratio ``[bs,S]``.
+        collision_ratio ``[bs,S]``; frame_index ``[bs]`` (the frames' rows in the split).
         """
         joint_vis = to_numpy(in_image_mask(gt_joints[:, :24], focal_px, cam_center), bool)     # [bs,24]
         vert_vis = to_numpy(in_image_mask(gt_vertices, focal_px, cam_center), bool)            # [bs,V]
@@ -234,6 +264,8 @@ class Stage2Metrics:
         bs, n = pj.shape[:2]
         if n != self.num_samples:
             raise ValueError(f"expected {self.num_samples} samples per frame, got {n}")
+        if frame_index is not None:
+            self.rows.setdefault('frame_index', []).append(to_numpy(frame_index, np.int64).reshape(bs))
         self.joint_vis_num += int(joint_vis.sum())
         self.joint_invis_num += int((~joint_vis).sum())
         self.vertex_vis_num += int(vert_vis.sum())
@@ -279,7 +311,46 @@ class Stage2Metrics:
         self._add(name + '_invis_sum', (err * ~vis[:, None]).sum(-1))
 
     def _cat(self, name: str) -> np.ndarray:
-        return np.concatenate(self.rows[name], axis=0)
+        """All frames' rows of ``name``, in frame order where the frame indices are known."""
+        values = np.concatenate(self.rows[name], axis=0)
+        order = self.frame_order()
+        return values if order is None else values[order]
+
+    def frame_order(self) -> Optional[np.ndarray]:
+        """The permutation that sorts the rows by frame index (None without frame indices)."""
+        if 'frame_index' not in self.rows:
+            return None
+        frames = np.concatenate(self.rows['frame_index'])
+        if len(np.unique(frames)) != len(frames):
+            raise ValueError("Stage2Metrics: a frame was evaluated twice (repeated frame_index)")
+        return np.argsort(frames, kind='stable')
+
+    COUNTS = ('joint_vis_num', 'joint_invis_num', 'vertex_vis_num', 'vertex_invis_num')
+
+    def state(self) -> Dict:
+        """What :meth:`merged` needs of this share: per-frame rows (one array per name) and the counts."""
+        return {'num_samples': self.num_samples, 'eval_with_vis_mask_pa': self.eval_with_vis_mask_pa,
+                'rows': {name: np.concatenate(parts, axis=0) for name, parts in self.rows.items()},
+                'counts': {name: getattr(self, name) for name in self.COUNTS}}
+
+    @classmethod
+    def merged(cls, states) -> 'Stage2Metrics':
+        """One accumulator holding the frames of all ``states`` (:meth:`state`), which must not overlap."""
+        states = list(states)
+        if not states:
+            raise ValueError("Stage2Metrics.merged: no shares given")
+        first = states[0]
+        out = cls(first['num_samples'], first['eval_with_vis_mask_pa'])
+        for state in states:
+            if (state['num_samples'], state['eval_with_vis_mask_pa']) != (out.num_samples, out.eval_with_vis_mask_pa):
+                raise ValueError("Stage2Metrics.merged: the shares were evaluated with different settings")
+            if set(state['rows']) != set(first['rows']):
+                raise ValueError("Stage2Metrics.merged: the shares hold different metrics")
+            for name, values in state['rows'].items():
+                out.rows.setdefault(name, []).append(values)
+            for name in cls.COUNTS:
+                setattr(out, name, getattr(out, name) + int(state['counts'][name]))
+        return out
 
     @property
     def num_frames(self) -> int:
@@ -378,20 +449,22 @@ def evaluate(model, diffusion, loader, device, num_samples: int = 1, method: str
              guidance: Optional[CollisionGuidance] = None, two_stage: bool = True,
              occupancy_model=None, eval_contact: bool = True, eval_with_vis_mask_pa: bool = True,
              samples_per_chain: Optional[int] = None, log_freq: int = 100, on_batch: Optional[Callable] = None,
-             progress: bool = True, log=print, guide_final_step: bool = False, precision: str = 'fp32') -> Dict:
+             progress: bool = True, log=print, guide_final_step: bool = False, precision: str = 'fp32',
+             sample_seed: Optional[int] = None) -> Dict:
     """The stage-2 test loop (the original's procedure).
 
     With ``two_stage`` the model's input translation is the stage-1 one (``batch['stage1_transl_full']``); the GT
-    translation is kept for the metrics. Returns ``summary`` (see :meth:`Stage2Metrics.summary`) and ``results``
-    (the arrays of the results pickle).
+    translation is kept for the metrics. Returns ``summary`` (see :meth:`Stage2Metrics.summary`), ``results``
+    (the arrays of the results pickle, in frame order), ``metrics_state`` (:meth:`Stage2Metrics.state`, to merge
+    shares of a split) and ``frame_index``. ``sample_seed``: per-frame sampling streams (:func:`sample_poses`).
     ``on_batch(step, batch, samples, gt)`` is called after every batch (renders, viewers).
     """
     from tqdm import tqdm
     from utils.run import recursive_to
 
     metrics = Stage2Metrics(num_samples, eval_with_vis_mask_pa)
-    saved = {k: [] for k in ('pred_betas_list', 'pred_global_orient_list', 'pred_body_pose_list',
-                             'collision_ratio_list', 'contact_ratio_list', 'pred_cam_full_list', 'gt_cam_full_list')}
+    saved = {k: [] for k in RESULT_KEYS}
+    frames = []
     iterator = tqdm(loader, desc='test', dynamic_ncols=True) if progress else loader
     for step, batch in enumerate(iterator):
         batch = recursive_to(batch, device)
@@ -402,7 +475,9 @@ def evaluate(model, diffusion, loader, device, num_samples: int = 1, method: str
             batch['smpl_params']['transl'] = batch['stage1_transl_full'].float()
         batch['gt_transl'] = gt_transl
         samples = sample_poses(model, diffusion, batch, num_samples, method, guidance, samples_per_chain,
-                               occupancy_model, guide_final_step, precision)
+                               occupancy_model, guide_final_step, precision, sample_seed)
+        if 'frame_index' in batch:
+            frames.append(to_numpy(batch['frame_index'], np.int64).reshape(-1))
         with torch.no_grad():
             gt_params = dict(batch['smpl_params'], transl=gt_transl)
             gt_vertices, gt_joints = model.gt_smpl_output(gt_params, batch['gender'])
@@ -413,7 +488,7 @@ def evaluate(model, diffusion, loader, device, num_samples: int = 1, method: str
         metrics.update(samples['joints'], samples['vertices'], batch['smpl_params']['transl'], gt_joints,
                        gt_vertices, focal_px, center,
                        scene_points_full=batch['scene_pcd_verts_full'] if eval_contact else None,
-                       collision_ratio=collision_ratio)
+                       collision_ratio=collision_ratio, frame_index=batch.get('frame_index'))
         saved['pred_betas_list'].append(to_numpy(samples['betas'], np.float64).astype(np.float32))
         saved['pred_global_orient_list'].append(to_numpy(samples['global_orient'], np.float64).astype(np.float32))
         saved['pred_body_pose_list'].append(to_numpy(samples['body_pose'], np.float64).astype(np.float32))
@@ -434,4 +509,17 @@ def evaluate(model, diffusion, loader, device, num_samples: int = 1, method: str
     if metrics.num_frames == 0:
         raise ValueError("the test split is empty: nothing to evaluate")
     results = {k: np.concatenate(v, axis=0) for k, v in saved.items() if v}
-    return {'summary': metrics.summary(), 'results': results}
+    frame_index = np.concatenate(frames) if frames else None
+    if frame_index is not None:
+        order = metrics.frame_order()
+        results, frame_index = {k: v[order] for k, v in results.items()}, frame_index[order]
+    return {'summary': metrics.summary(), 'results': results, 'metrics_state': metrics.state(),
+            'frame_index': frame_index}
+
+
+def merge_results(parts) -> Dict[str, np.ndarray]:
+    """The results-pickle arrays of several shares ``[(frame_index, results)]``, in frame order."""
+    frames = np.concatenate([f for f, _ in parts])
+    order = np.argsort(frames, kind='stable')
+    keys = parts[0][1].keys()
+    return {k: np.concatenate([r[k] for _, r in parts], axis=0)[order] for k in keys}

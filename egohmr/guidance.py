@@ -44,18 +44,22 @@ GUIDANCE_JOINT_WEIGHTS[[1, 2]] = 1.0
 GUIDANCE_JOINT_WEIGHTS[[4, 5, 7, 8, 10, 11]] = 2.0
 # Key of a chain batch that says how many samples share the chain (rows = samples x images, sample-major).
 SAMPLES_IN_CHAIN_KEY = 'samples_in_chain'
+# Key of a chain batch holding its rows' random streams (utils.frame_rng.RowStreams), if it has them: COAP's surface
+# samples of the guided step t then come from each row's own ('coap_surface', t) stream.
+ROW_STREAMS_KEY = 'row_streams'
 
 
 def collision_guidance_gradient(model, x_t: torch.Tensor, betas: torch.Tensor, scene_points: torch.Tensor,
                                 occupancy_model=None, seed: Optional[int] = COAP_SAMPLE_SEED,
-                                num_images: Optional[int] = None) -> Optional[torch.Tensor]:
+                                num_images: Optional[int] = None,
+                                generators: Optional[list] = None) -> Optional[torch.Tensor]:
     """The original's guidance gradient ``[R,144]`` for the ``R`` rows of a chain, or None if no body collides.
 
     ``-sum_i L_i / num_images`` is differentiated w.r.t. the de-normalised 6D pose of ``x_t``: ``num_images`` is the
     number of images of one original chain (default: all ``R`` rows, the original's ``mean``), so each body gets
     the gradient it gets in its own chain of ``num_images`` rows. COAP's surface samples come from ``seed`` in a
     forked RNG (None: the global stream, as the original), so guidance leaves the chain's diffusion noise as it is
-    without guidance.
+    without guidance; or, with ``generators`` (one per row), from the rows' own streams.
     """
     occupancy_model = occupancy_model if occupancy_model is not None else model.coap
     rows = x_t.shape[0]
@@ -66,8 +70,9 @@ def collision_guidance_gradient(model, x_t: torch.Tensor, betas: torch.Tensor, s
         smpl_out = model.smpl(global_orient=rotmats[:, :1], body_pose=rotmats[:, 1:], betas=betas.detach(),
                               pose2rot=False)
         body = body_for_occupancy(smpl_out.vertices, smpl_out.joints, rotmats)
-        with seeded_rng(seed, x_t.device):
-            losses = per_body_losses(occupancy_model, scene_points, body, max_point_index=None)
+        with seeded_rng(None if generators is not None else seed, x_t.device):
+            losses = per_body_losses(occupancy_model, scene_points, body, max_point_index=None,
+                                     generators=generators)
             if not bool((losses != 0).any()):
                 return None
             grad = torch.autograd.grad(-losses.sum() / num_images, pose_6d)[0]
@@ -91,20 +96,24 @@ class CollisionGuidance:
         self.weight = float(weight)
         self.seed = seed
 
-    def gradient(self, x: torch.Tensor, model_output: Dict, batch: Dict) -> Optional[torch.Tensor]:
+    def gradient(self, x: torch.Tensor, model_output: Dict, batch: Dict, step: int = 0) -> Optional[torch.Tensor]:
         """:func:`collision_guidance_gradient` for a chain batch: betas and scene points of the step's output,
-        the mean over the images of one sample (``batch[SAMPLES_IN_CHAIN_KEY]`` samples share the chain)."""
+        the mean over the images of one sample (``batch[SAMPLES_IN_CHAIN_KEY]`` samples share the chain); COAP's
+        surface samples from the rows' ``('coap_surface', step)`` streams where the batch has
+        ``batch[ROW_STREAMS_KEY]``."""
         samples = int(batch.get(SAMPLES_IN_CHAIN_KEY, 1))
+        streams = batch.get(ROW_STREAMS_KEY)
+        generators = streams.generators('coap_surface', step) if streams is not None else None
         return collision_guidance_gradient(self.model, x, model_output['pred_smpl_params']['betas'],
                                            model_output['condition']['scene_points'], self.occupancy_model,
-                                           self.seed, num_images=x.shape[0] // samples)
+                                           self.seed, num_images=x.shape[0] // samples, generators=generators)
 
     def condition_mean(self, x: torch.Tensor, t: torch.Tensor, p_mean_var: Dict, batch: Dict):
         """DDPM hook: the shift of the posterior mean at the chain's step ``t[0]`` (None where not guided)."""
         step = int(t[0])
         if step > DDPM_GUIDANCE_MAX_T:
             return None
-        grad = self.gradient(x, p_mean_var['model_output'], batch)
+        grad = self.gradient(x, p_mean_var['model_output'], batch, step)
         if grad is None:
             return None
         if step >= DDPM_GUIDANCE_MIN_T_FOR_VARIANCE:
@@ -115,7 +124,7 @@ class CollisionGuidance:
         """DDIM hook: the score gradient at respaced ``t[0] <= 3`` (scale 1), else None."""
         if int(t[0]) > DDIM_GUIDANCE_MAX_J:
             return None
-        grad = self.gradient(x, p_mean_var['model_output'], batch)
+        grad = self.gradient(x, p_mean_var['model_output'], batch, int(t[0]))
         return None if grad is None else DDIM_GUIDANCE_SCALE * grad
 
     def final_step(self, x0: torch.Tensor, model_output: Dict, batch: Dict) -> torch.Tensor:

@@ -73,15 +73,20 @@ class SMPLFlowHead(nn.Module):
         return {'pred_pose_6d': pose_6d, 'log_prob': log_prob, 'global_orient': rotmats[:, :, :1],
                 'body_pose': rotmats[:, :, 1:], 'betas': betas, 'cam': cam}
 
-    def sample_with_mode(self, context: torch.Tensor, num_samples: int) -> Dict:
+    def sample_with_mode(self, context: torch.Tensor, num_samples: int,
+                         noise: Optional[torch.Tensor] = None) -> Dict:
         """``num_samples`` poses per row, sample 0 being the mode (z = 0).
 
         As in the original, the S-1 random draws run first (they consume the RNG, as does dropout in train
-        mode), then the mode pass; the mode is concatenated in front.
+        mode), then the mode pass; the mode is concatenated in front. ``noise [B, S-1, 144]``: the z of samples
+        1..S-1 (per-frame streams at test time) instead of one ``randn``.
         """
         zeros = context.new_zeros(context.shape[0], 1, self.pose_dim)
         if num_samples <= 1:
             return self(context, 1, noise=zeros)
-        random = self(context, num_samples - 1)
+        if noise is not None and tuple(noise.shape) != (context.shape[0], num_samples - 1, self.pose_dim):
+            raise ValueError(f"sample_with_mode: noise has shape {tuple(noise.shape)}, expected "
+                             f"{(context.shape[0], num_samples - 1, self.pose_dim)}")
+        random = self(context, num_samples - 1, noise=noise)
         mode = self(context, 1, noise=zeros)
         return {k: torch.cat([mode[k], random[k]], dim=1) for k in mode}

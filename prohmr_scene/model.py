@@ -11,7 +11,7 @@ translation (``convert_pare_to_full_img_cam``), the global 3D joints and their 2
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -120,14 +120,28 @@ class ProHMRScene(nn.Module):
             self.flow.log_prob(self.gt_pose_6d(batch['smpl_params']), context)
         self.initialized.fill_(True)
 
-    def forward_step(self, batch: Dict, train: bool = False) -> Dict:
-        """Run the network on a batch; returns the output dict of ``manifests/stage1_forward_io.json``."""
+    def forward_step(self, batch: Dict, train: bool = False, sample_seed: Optional[int] = None) -> Dict:
+        """Run the network on a batch; returns the output dict of ``manifests/stage1_forward_io.json``.
+
+        ``sample_seed``: the random samples 1..S-1 of frame ``f`` draw their z from the per-frame stream
+        ``(seed, f, s, 'flow_noise')`` (:mod:`utils.frame_rng`; needs ``batch['frame_index']``), so they do not
+        depend on the batch; None: one ``randn`` on the global stream (training, and the original).
+        """
         num_samples = int(self.cfg.TRAIN.NUM_TRAIN_SAMPLES if train else self.cfg.TRAIN.NUM_TEST_SAMPLES)
         context = self.conditioning(batch)
         batch_size = context.shape[0]
         if not bool(self.initialized):
             self.initialize_actnorm(batch, context)
-        pred = self.flow.sample_with_mode(context, num_samples)
+        noise = None
+        if sample_seed is not None and num_samples > 1:
+            from utils.frame_rng import RowStreams, frame_indices
+            frames = frame_indices(batch)
+            if frames is None:
+                raise ValueError("per-frame sampling streams need the batch's 'frame_index' (EgoBodyDataset items)")
+            streams = RowStreams.frame_major(sample_seed, frames, 1, num_samples - 1)
+            noise = streams.randn(self.flow.pose_dim, 'flow_noise', device=context.device, dtype=context.dtype)
+            noise = noise.reshape(batch_size, num_samples - 1, -1)
+        pred = self.flow.sample_with_mode(context, num_samples, noise=noise)
 
         smpl_out = self.smpl(global_orient=pred['global_orient'].reshape(-1, 1, 3, 3),
                              body_pose=pred['body_pose'].reshape(-1, 23, 3, 3),

@@ -145,6 +145,7 @@ def test_item_keys_shapes_and_values(world, plain):
         assert isinstance(item[key], np.float32), key
     assert isinstance(item['gender'], np.int32) and int(item['gender']) == (0 if str(npz['gender'][1]) == 'm' else 1)
     assert item['orig_img'] == 0
+    assert isinstance(item['frame_index'], np.int64) and int(item['frame_index']) == 1   # its row in the split npz
     assert item['imgname'] == os.path.join(world.root, world.imgnames[1]) and os.path.isfile(item['imgname'])
     shapes = {'global_orient': (3,), 'body_pose': (69,), 'betas': (10,), 'transl': (3,)}
     npz_keys = {'global_orient': 'global_orient_pv', 'body_pose': 'pose', 'betas': 'shape', 'transl': 'transl_pv'}
@@ -178,6 +179,7 @@ def test_spacing_and_scene_downsampling(world):
     ds = make_dataset(world, spacing=2, scene_downsample_rate=4)
     assert len(ds) == (len(world.imgnames) + 1) // 2
     item = ds[1]
+    assert int(item['frame_index']) == 2                   # the frame's row in the split npz, not in the spaced list
     np.testing.assert_allclose(item['smpl_params']['betas'], world.npz['shape'][2], atol=1e-6)
     np.testing.assert_allclose(item['scene_pcd_verts_full'], world.expected_s1[2][::4], atol=1e-4)
 

@@ -375,7 +375,7 @@ class ConstantGradientGuidance:
         from egohmr.guidance import CollisionGuidance
 
         class Fixed(CollisionGuidance):
-            def gradient(self, x, model_output, batch):
+            def gradient(self, x, model_output, batch, step=0):
                 return grad.clone()
         return Fixed(model=None, occupancy_model=object(), weight=weight)
 
@@ -447,3 +447,35 @@ def test_sampling_encodes_once_and_returns_all_samples(model):
     assert samples['vertices'].shape == (2, 3, 6890, 3) and samples['collision_ratio'].shape == (2, 3)
     assert not torch.allclose(samples['rotmats'][:, 0], samples['rotmats'][:, 1])   # different noise per sample
     torch.testing.assert_close(samples['betas'][:, 0], samples['betas'][:, 1])      # betas do not depend on x_t
+
+
+def _rows(batch, rows):
+    return {k: (_rows(v, rows) if isinstance(v, dict) else v[rows]) for k, v in batch.items()}
+
+
+def test_samples_of_a_frame_do_not_depend_on_its_batch(model):
+    """Per-frame streams (utils.frame_rng): guided DDPM (ddim5 respacing: every step guided) with COAP and the
+    collision ratio; frame f's samples are the same in a batch of 2 with one chain, and in batches of 1 + 1 (one chain
+    per sample, and one for both) (to float rounding: BLAS sums a few rows and many rows in different orders)."""
+    from diffusion import create_gaussian_diffusion
+    from egohmr.evaluate import sample_poses
+    from egohmr.guidance import CollisionGuidance
+    assert model.coap is not None
+    batch = random_batch(bs=2, num_points=200, seed=3)
+    batch['frame_index'] = torch.tensor([10, 11])
+    diffusion = create_gaussian_diffusion(50, 'ddim5')
+    guidance = CollisionGuidance(model, model.coap, 2.0)
+
+    def draw(part, per_chain=None):
+        return sample_poses(model, diffusion, part, 2, 'ddpm', guidance=guidance, occupancy_model=model.coap,
+                            samples_per_chain=per_chain, sample_seed=5)
+    whole = draw(batch)
+    split = [draw(_rows(batch, slice(0, 1)), per_chain=1), draw(_rows(batch, slice(1, 2)))]
+    assert whole['collision_ratio'].max() > 0                     # the guided bodies do meet the scene
+    np.testing.assert_array_equal(whole['collision_ratio'],
+                                  np.concatenate([s['collision_ratio'] for s in split]))
+    for key in ('rotmats', 'betas', 'joints', 'vertices'):
+        torch.testing.assert_close(whole[key], torch.cat([s[key] for s in split]), rtol=0, atol=1e-5)
+    assert not torch.allclose(whole['rotmats'][:, 0], whole['rotmats'][:, 1], atol=1e-6)   # two streams, two samples
+    with pytest.raises(ValueError, match="frame_index"):
+        sample_poses(model, diffusion, _rows(batch, slice(0, 1)) | {'frame_index': None}, 1, 'ddim', sample_seed=0)

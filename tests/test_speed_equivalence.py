@@ -177,9 +177,9 @@ def test_guidance_gradients_along_a_guided_chain_equal_the_dense_reference(model
     from egohmr.guidance import CollisionGuidance
 
     class Recording(CollisionGuidance):
-        def gradient(self, x, model_output, batch):
-            states.append((x.clone(), model_output, batch))
-            return super().gradient(x, model_output, batch)
+        def gradient(self, x, model_output, batch, step=0):
+            states.append((x.clone(), model_output, batch, step))
+            return super().gradient(x, model_output, batch, step)
 
     states = []
     guidance = Recording(model, model.coap, weight=2.0)
@@ -188,10 +188,10 @@ def test_guidance_gradients_along_a_guided_chain_equal_the_dense_reference(model
                            guidance=guidance)
     plain = CollisionGuidance(model, model.coap, weight=2.0)
     compared = 0
-    for x, model_output, batch in states:
-        sparse = plain.gradient(x, model_output, batch)
+    for x, model_output, batch, step in states:
+        sparse = plain.gradient(x, model_output, batch, step)
         monkeypatch.setattr(collision, '_uses_sparse_path', lambda occupancy_model, body: False)
-        dense = plain.gradient(x, model_output, batch)
+        dense = plain.gradient(x, model_output, batch, step)
         monkeypatch.undo()
         assert (sparse is None) == (dense is None)
         if dense is not None:

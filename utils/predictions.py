@@ -10,6 +10,8 @@ key                  shape / dtype           meaning
 ``format``           str                     ``'egohmr-predictions-1'``
 ``stage``            str                     ``'prohmr_scene'`` (stage 1) or ``'egohmr'`` (stage 2)
 ``imgname``          [N] str                 the frame's image, relative to ``--dataset_root``
+``frame_index``      [N] int64               the frame's row in the split's annotation npz (frames are sorted
+                                             by it; shares of a split merge by it)
 ``transl``           [N, S, 3] float32       translation of each sample (stage 2: the model input, same for all S)
 ``global_orient``    [N, S, 3, 3] float32    SMPL global rotation of each sample
 ``body_pose``        [N, S, 23, 3, 3] f32    SMPL body joint rotations
@@ -43,10 +45,10 @@ from utils.io import DataError, atomic_np_savez
 FORMAT = 'egohmr-predictions-1'
 FILE_NAME = 'predictions.npz'
 NUM_JOINTS = 24
-PER_FRAME = {'transl': 2, 'global_orient': 3, 'body_pose': 4, 'betas': 2, 'joints': 3, 'vertices': 3,
+PER_FRAME = {'frame_index': 0, 'transl': 2, 'global_orient': 3, 'body_pose': 4, 'betas': 2, 'joints': 3, 'vertices': 3,
              'gt_joints': 2, 'gt_vertices': 2, 'vis_mask': 1, 'focal_px': 0, 'cam_center': 1,
              'transf_kinect2holo': 2, 'transf_holo2pv': 2}    # key -> number of dimensions after N
-DTYPES = {'vertices': np.float16, 'gt_vertices': np.float16, 'vis_mask': bool}
+DTYPES = {'vertices': np.float16, 'gt_vertices': np.float16, 'vis_mask': bool, 'frame_index': np.int64}
 
 
 def _np(x) -> np.ndarray:
@@ -87,7 +89,14 @@ class PredictionRecorder:
         focal = _np(batch['fx']).reshape(-1) * float(focal_coeff)
         center = np.stack([_np(batch['cam_cx']).reshape(-1), _np(batch['cam_cy']).reshape(-1)], axis=-1)
         gt_j = _np(gt_joints)[:, :NUM_JOINTS]
-        values = {'transl': _np(transl), 'global_orient': _np(rotmats_orient).reshape(*_np(betas).shape[:2], 3, 3),
+        count = len(_np(betas))
+        if 'frame_index' in batch:
+            index = batch['frame_index']
+            frames = np.asarray(index.cpu() if hasattr(index, 'cpu') else index, dtype=np.int64).reshape(-1)
+        else:
+            frames = np.arange(self.num_frames, self.num_frames + count)
+        values = {'frame_index': frames, 'transl': _np(transl),
+                  'global_orient': _np(rotmats_orient).reshape(*_np(betas).shape[:2], 3, 3),
                   'body_pose': _np(rotmats_pose), 'betas': _np(betas), 'joints': _np(joints)[:, :, :NUM_JOINTS],
                   'vertices': _np(vertices), 'gt_joints': gt_j, 'gt_vertices': _np(gt_vertices),
                   'vis_mask': in_image(gt_j, focal, center, self.image_size), 'focal_px': focal, 'cam_center': center,
@@ -97,13 +106,35 @@ class PredictionRecorder:
             self.parts[key].append(value.astype(DTYPES.get(key, np.float32)))
         self.parts['imgname'].append(np.array([relative_imgname(n) for n in batch['imgname']]))
 
-    def save(self, path: str) -> str:
+    def arrays(self) -> Dict[str, np.ndarray]:
+        """Everything recorded, frames sorted by ``frame_index`` (the file's arrays, format keys included)."""
         if not self.num_frames:
             raise ValueError("no predictions recorded: nothing to save")
-        arrays = {k: np.concatenate(v) for k, v in self.parts.items()}
-        atomic_np_savez(path, format=np.array(FORMAT), stage=np.array(self.stage), faces=self.faces,
-                        image_size=np.array(self.image_size), **arrays)
-        return path
+        per_frame = merge_prediction_arrays([{k: np.concatenate(v) for k, v in self.parts.items()}])
+        return dict(per_frame, format=np.array(FORMAT), stage=np.array(self.stage), faces=self.faces,
+                    image_size=np.array(self.image_size))
+
+    def save(self, path: str) -> str:
+        return save_prediction_arrays(self.arrays(), path)
+
+
+def save_prediction_arrays(arrays: Dict[str, np.ndarray], path: str) -> str:
+    """Write :meth:`PredictionRecorder.arrays` (or :func:`merge_prediction_arrays` of them) atomically."""
+    atomic_np_savez(path, **arrays)
+    return path
+
+
+def merge_prediction_arrays(parts) -> Dict[str, np.ndarray]:
+    """Several sets of prediction arrays (disjoint frames) as one, frames sorted by ``frame_index``; the
+    per-file keys (format, stage, faces, image size) are taken from the first set."""
+    parts = list(parts)
+    frames = np.concatenate([p['frame_index'] for p in parts])
+    if len(np.unique(frames)) != len(frames):
+        raise ValueError("predictions: a frame appears in two of the sets being merged")
+    order = np.argsort(frames, kind='stable')
+    out = {k: np.concatenate([p[k] for p in parts])[order] for k in ('imgname',) + tuple(PER_FRAME)}
+    out.update({k: v for k, v in parts[0].items() if k not in out})
+    return out
 
 
 def stage1_hook(recorder: PredictionRecorder, focal_coeff: float) -> Callable:
@@ -174,10 +205,12 @@ def load_predictions(path: str) -> Dict[str, np.ndarray]:
     return out
 
 
-def write_predictions(recorder: PredictionRecorder, out_dir: str, title: str = '', log=print) -> str:
-    """Write ``<out_dir>/predictions.npz`` and, where matplotlib is installed, ``per_joint_errors.png``."""
+def write_predictions(recorder, out_dir: str, title: str = '', log=print) -> str:
+    """Write ``<out_dir>/predictions.npz`` and, where matplotlib is installed, ``per_joint_errors.png``;
+    ``recorder``: a :class:`PredictionRecorder` or its (merged) arrays."""
     from utils.plots import write_per_joint_plot
-    path = recorder.save(os.path.join(out_dir, FILE_NAME))
-    log(f"per-frame predictions ({recorder.num_frames} frames, all samples) written to {path}")
+    arrays = recorder.arrays() if isinstance(recorder, PredictionRecorder) else recorder
+    path = save_prediction_arrays(arrays, os.path.join(out_dir, FILE_NAME))
+    log(f"per-frame predictions ({len(arrays['imgname'])} frames, all samples) written to {path}")
     write_per_joint_plot(load_predictions(path), out_dir, title, log)
     return path

@@ -280,12 +280,14 @@ class COAPBodyModel(nn.Module):
     # Sparse evaluation: encode only the parts a query needs (guidance, penetration loss, collision metric)
     # ------------------------------------------------------------------------------------------------------
 
-    def draw_surface_samples(self, vertices: torch.Tensor, num_samples: Optional[int] = None) -> list:
+    def draw_surface_samples(self, vertices: torch.Tensor, num_samples: Optional[int] = None,
+                             generators: Optional[list] = None) -> list:
         """The random draws of :meth:`sample_part_surfaces` (same RNG calls, same order): ``[(faces, chosen,
-        weights)]`` for the tight and the extended face sets."""
+        weights)]`` for the tight and the extended face sets. ``generators``: None (the global RNG) or one
+        generator per body (:func:`egohmr.coap.sampling.draw_face_samples`)."""
         num_samples = num_samples or self.num_surface_samples
         tight = num_samples // 2
-        return [(faces, *draw_face_samples(vertices, faces, count))
+        return [(faces, *draw_face_samples(vertices, faces, count, generators))
                 for faces, count in ((self.partitioner.tight_face_tensor, tight),
                                      (self.partitioner.extended_face_tensor, num_samples - tight))]
 
@@ -310,13 +312,14 @@ class COAPBodyModel(nn.Module):
         features = torch.cat([local_in, torch.ones_like(local_in[:, :1]), self.k_one_hot[part_idx], latent], dim=-1)
         return self.decoder(torch.cat([local_in, self.query_encoder(features)], dim=-1))[:, 0]
 
-    def sparse_query(self, points: torch.Tensor, smpl_output):
+    def sparse_query(self, points: torch.Tensor, smpl_output, generators: Optional[list] = None):
         """:meth:`query`'s occupancy ``[B, T]`` (same values, no gradient), encoding only the parts whose box holds
         a query point; the others are never read by :meth:`query`.
 
         The surface samples of every part are drawn as :meth:`encode_body` draws them (same RNG use). Returns
         ``(occupancy, state)``; ``state`` holds the draws and the part each point's occupancy comes from
         (``part [B, T]``, the max's index) for :meth:`sparse_collision_loss`. Does not touch the body-code cache.
+        ``generators``: one per body for the surface samples (:meth:`draw_surface_samples`), or None.
         """
         check_smpl_output(smpl_output)
         with torch.no_grad():
@@ -326,7 +329,7 @@ class COAPBodyModel(nn.Module):
             bbox_min, bbox_max = self.part_bounds(vertices, bone_trans)
             bbox_size = (bbox_max - bbox_min).abs() * self.bbox_padding
             bbox_center = 0.5 * (bbox_min + bbox_max)
-            draws = self.draw_surface_samples(vertices)
+            draws = self.draw_surface_samples(vertices, generators=generators)
             local = apply_transform(bone_trans, points[:, None].to(bone_trans.dtype))       # [B,16,T,3]
             inside = ((local - bbox_center).abs() < 0.5 * bbox_size).all(dim=-1)            # [B,16,T]
             b_idx, k_idx, t_idx = inside.nonzero(as_tuple=True)
@@ -342,14 +345,15 @@ class COAPBodyModel(nn.Module):
             occupancy, part = part_occupancy.max(dim=1)
         return occupancy, {'draws': draws, 'part': part}
 
-    def sparse_collision_loss(self, points: torch.Tensor, smpl_output) -> torch.Tensor:
+    def sparse_collision_loss(self, points: torch.Tensor, smpl_output, generators: Optional[list] = None
+                              ) -> torch.Tensor:
         """:meth:`collision_loss` ``[B]``: the same value (:meth:`sparse_query`) and the same gradient w.r.t. the body.
 
         The gradient of ``sum relu(occupancy - 0.5)`` flows only through the colliding points (occupancy > 0.5),
         each through the part its max comes from, so only those points and parts are evaluated again with autograd.
         Equal to the dense gradient up to float rounding (the sums over points run in another order).
         """
-        occupancy, state = self.sparse_query(points, smpl_output)
+        occupancy, state = self.sparse_query(points, smpl_output, generators)
         excess = torch.relu(occupancy - self.level_set).sum(dim=-1)
         vertices, joints, full_pose = smpl_output.vertices, smpl_output.joints, smpl_output.full_pose
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in (vertices, joints, full_pose))):

@@ -26,57 +26,62 @@ def gather_face_corners(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Te
 
 
 def sample_points_on_faces(vertices: torch.Tensor, faces: torch.Tensor, num_samples: int,
-                           generator: torch.Generator = None) -> torch.Tensor:
+                           generator=None) -> torch.Tensor:
     """Draw ``num_samples`` area-weighted random points on each face set.
 
     Args:
         vertices: ``[B, V, 3]`` posed vertices.
         faces: ``[K, F, 3]`` integer face sets, padded with ``-1`` rows; every set needs a face of positive area.
         num_samples: points per face set.
-        generator: optional torch RNG (default: the global one).
+        generator: optional torch RNG (default: the global one), or a list of ``B`` generators, one per body
+            (:func:`draw_face_samples`).
 
     Returns:
         ``[B, K, num_samples, 3]``.
     """
     batch, num_sets = vertices.shape[0], faces.shape[0]
     corners = gather_face_corners(vertices, faces)                       # [B, K, F, 3, 3]
-    with torch.no_grad():
-        areas = face_areas(vertices, faces).reshape(batch * num_sets, -1)
-        if not bool((areas.sum(dim=1) > 0).all()):
-            raise ValueError("sample_points_on_faces: a face set has no face of positive area")
-        chosen = torch.multinomial(areas, num_samples, replacement=True, generator=generator)  # [B*K, n]
-        u = torch.rand(batch * num_sets, num_samples, 1, generator=generator, device=vertices.device,
-                       dtype=vertices.dtype)
-        v = torch.rand(batch * num_sets, num_samples, 1, generator=generator, device=vertices.device,
-                       dtype=vertices.dtype)
-        # Uniform barycentric coordinates on a triangle (square-root warping).
-        root = u.sqrt()
-        weights = torch.cat([1.0 - root, root * (1.0 - v), root * v], dim=-1)   # [B*K, n, 3]
+    chosen, weights = draw_face_samples(vertices, faces, num_samples, generator)
     corners = corners.reshape(batch * num_sets, -1, 3, 3)
+    chosen = chosen.reshape(batch * num_sets, num_samples)
     picked = torch.gather(corners, 1, chosen[..., None, None].expand(-1, -1, 3, 3))  # [B*K, n, 3, 3]
-    points = (weights[..., None] * picked).sum(dim=2)
+    points = (weights.reshape(batch * num_sets, num_samples, 3)[..., None] * picked).sum(dim=2)
     return points.reshape(batch, num_sets, num_samples, 3)
 
 
-def draw_face_samples(vertices: torch.Tensor, faces: torch.Tensor, num_samples: int,
-                      generator: torch.Generator = None):
-    """The random draws of :func:`sample_points_on_faces` (the same RNG calls in the same order), without the points.
+def _draw(areas: torch.Tensor, num_samples: int, generator, device, dtype):
+    """Faces ``[R, n]`` by area and uniform barycentric weights ``[R, n, 3]`` (square-root warping) for the ``R``
+    rows of ``areas``: one multinomial, then two uniform draws, from ``generator``."""
+    chosen = torch.multinomial(areas, num_samples, replacement=True, generator=generator)
+    u = torch.rand(areas.shape[0], num_samples, 1, generator=generator, device=device, dtype=dtype)
+    v = torch.rand(areas.shape[0], num_samples, 1, generator=generator, device=device, dtype=dtype)
+    root = u.sqrt()
+    return chosen, torch.cat([1.0 - root, root * (1.0 - v), root * v], dim=-1)
 
-    Returns ``chosen [B, K, n]`` face indices and barycentric ``weights [B, K, n, 3]``; turn them into points of
-    selected (body, set) pairs with :func:`points_on_drawn_faces`.
+
+def draw_face_samples(vertices: torch.Tensor, faces: torch.Tensor, num_samples: int, generator=None):
+    """The random draws of :func:`sample_points_on_faces`, without the points.
+
+    ``generator``: None (the global RNG) or one generator for the whole batch -- one multinomial over all ``B*K``
+    (body, set) rows, then the uniform draws -- or a list of ``B`` generators, one per body, each making those calls
+    for its body's ``K`` rows alone (on the CPU: a body's draws then do not depend on the other bodies of the batch,
+    nor on the device). Returns ``chosen [B, K, n]`` face indices and barycentric ``weights [B, K, n, 3]``; turn them
+    into points of selected (body, set) pairs with :func:`points_on_drawn_faces`.
     """
     batch, num_sets = vertices.shape[0], faces.shape[0]
     with torch.no_grad():
         areas = face_areas(vertices, faces).reshape(batch * num_sets, -1)
         if not bool((areas.sum(dim=1) > 0).all()):
             raise ValueError("draw_face_samples: a face set has no face of positive area")
-        chosen = torch.multinomial(areas, num_samples, replacement=True, generator=generator)
-        u = torch.rand(batch * num_sets, num_samples, 1, generator=generator, device=vertices.device,
-                       dtype=vertices.dtype)
-        v = torch.rand(batch * num_sets, num_samples, 1, generator=generator, device=vertices.device,
-                       dtype=vertices.dtype)
-        root = u.sqrt()
-        weights = torch.cat([1.0 - root, root * (1.0 - v), root * v], dim=-1)
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != batch:
+                raise ValueError(f"draw_face_samples: {len(generator)} generators for {batch} bodies")
+            host = areas.float().cpu().reshape(batch, num_sets, -1)
+            parts = [_draw(host[b], num_samples, g, 'cpu', vertices.dtype) for b, g in enumerate(generator)]
+            chosen = torch.cat([c for c, _ in parts]).to(vertices.device)
+            weights = torch.cat([w for _, w in parts]).to(vertices.device)
+        else:
+            chosen, weights = _draw(areas, num_samples, generator, vertices.device, vertices.dtype)
     return chosen.reshape(batch, num_sets, num_samples), weights.reshape(batch, num_sets, num_samples, 3)
 
 
