@@ -22,9 +22,8 @@ import os
 import sys
 
 from utils.cli import (add_data_flags, add_scene_and_camera_flags, add_test_flags, close_hook, new_parser,
-                       parse_test_args, positive_flags_error, render_error, visual_hook)
-from utils.checks import error_line, output_dir_error
-from utils.io import DataError
+                       parse_test_args, positive_flags_error, render_error, run_test, visual_hook)
+from utils.checks import output_dir_error
 from utils.run import str2bool
 from utils.shards import add_shard_flags, share_flags_error
 
@@ -199,7 +198,7 @@ def run(args) -> dict:
     from utils import distributed
     from utils.predictions import PredictionRecorder, chain_hooks, stage2_hook
     from utils.run import get_device, seed_everything
-    from utils.shards import finish_share, process_share, split_dataset
+    from utils.shards import finish_test_run, process_share, split_dataset
 
     out_dir = output_dir_of(args)
     if args.merge:
@@ -259,13 +258,12 @@ def run(args) -> dict:
     finally:
         close_hook(hook)
     predictions = recorder.arrays() if recorder is not None else None
-    if share is None:
-        write_outputs(args, out_dir, result['summary'], result['results'], predictions)
-        return result
-    payload = {'frame_index': result['frame_index'], 'num_frames_split': len(dataset),
-               'metrics_state': result['metrics_state'], 'results': result['results'], 'predictions': predictions}
-    return finish_share(out_dir, share, STAGE, share_settings(args), payload, lambda: merge_shares(args, out_dir)) \
-        or result
+    return finish_test_run(
+        out_dir, share, STAGE, share_settings(args), result,
+        lambda: {'frame_index': result['frame_index'], 'num_frames_split': len(dataset), 'results': result['results'],
+                 'metrics_state': result['metrics_state'], 'predictions': predictions},
+        lambda: write_outputs(args, out_dir, result['summary'], result['results'], predictions),
+        lambda: merge_shares(args, out_dir))
 
 
 def main(argv=None) -> int:
@@ -277,15 +275,7 @@ def main(argv=None) -> int:
     if message:
         print(f"error: {message}", file=sys.stderr)
         return 2
-    from utils import distributed
-    try:
-        run(args)
-    except (DataError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 1
-    finally:
-        distributed.close_distributed()
-    return 0
+    return run_test(run, args, errors=(ValueError,))
 
 
 if __name__ == '__main__':

@@ -16,8 +16,8 @@ import os
 import sys
 
 from utils.cli import (add_data_flags, add_scene_and_camera_flags, add_test_flags, close_hook, new_parser,
-                       parse_test_args, positive_flags_error, render_error, visual_hook)
-from utils.checks import error_line, output_dir_error, output_file_error
+                       parse_test_args, positive_flags_error, render_error, run_test, visual_hook)
+from utils.checks import output_dir_error, output_file_error
 from utils.io import DataError
 from utils.run import str2bool
 from utils.shards import add_shard_flags, share_flags_error
@@ -117,7 +117,7 @@ def run(args) -> dict:
     from utils.render_views import make_open3d_hook
     from utils.predictions import PredictionRecorder, chain_hooks, stage1_hook
     from utils.run import get_device, seed_everything
-    from utils.shards import finish_share, process_share, split_dataset
+    from utils.shards import finish_test_run, process_share, split_dataset
 
     out_dir = output_dir_of(args)
     if args.merge:
@@ -156,15 +156,15 @@ def run(args) -> dict:
     finally:
         close_hook(hook)
     predictions = recorder.arrays() if recorder is not None else None
-    if share is None:
-        write_outputs(args, out_dir, result, predictions)
-        return result
-    payload = {'frame_index': result['frame_index'], 'num_frames_split': len(dataset),
-               'metrics_state': result['metrics_state'], 'pred_cam_full': result['pred_cam_full'],
-               'predictions': predictions}
-    print(f"share {share[0]}/{share[1]}:\n{result['table']}")
-    return finish_share(out_dir, share, STAGE, share_settings(args), payload, lambda: merge_shares(args, out_dir)) \
-        or result
+    if share is not None:
+        print(f"share {share[0]}/{share[1]}:\n{result['table']}")
+    return finish_test_run(
+        out_dir, share, STAGE, share_settings(args), result,
+        lambda: {'frame_index': result['frame_index'], 'num_frames_split': len(dataset),
+                 'pred_cam_full': result['pred_cam_full'], 'metrics_state': result['metrics_state'],
+                 'predictions': predictions},
+        lambda: write_outputs(args, out_dir, result, predictions),
+        lambda: merge_shares(args, out_dir))
 
 
 def main(argv=None) -> int:
@@ -183,15 +183,7 @@ def main(argv=None) -> int:
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from utils import distributed
-    try:
-        run(args)
-    except (DataError, FileNotFoundError) as exc:
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 1
-    finally:
-        distributed.close_distributed()
-    return 0
+    return run_test(run, args)
 
 
 if __name__ == '__main__':

@@ -6,7 +6,6 @@ Script cases call the scripts' ``main`` in-process and read the exit code and st
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -25,16 +24,10 @@ import torch
 from configs import get_config
 from utils import egobody
 from utils.io import DataError, atomic_torch_save
+from script_loader import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NPZ = egobody.NPZ_FOLDER
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f'_bad_input_{name}', os.path.join(ROOT, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 SCRIPTS = {}

@@ -1,7 +1,6 @@
 """Stage-1 network (prohmr_scene/): weights layout, forward pass, camera maths, losses, checkpoints, scripts."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -20,20 +19,13 @@ from prohmr_scene.model import ProHMRScene
 from utils.body_model import SMPL_TO_OPENPOSE, resolve_data_path
 from utils.geometry import aa_to_rotmat, convert_pare_to_full_img_cam, perspective_projection, rotmat_to_aa
 from utils.io import DataError
+from script_loader import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = os.path.join(ROOT, 'tests', 'assets', 'manifests')
 MANIFEST = os.path.join(SPEC, 'stage1_prohmr_scene.tsv')
 FORWARD_IO = os.path.join(SPEC, 'stage1_forward_io.json')
 NUM_POINTS = 256
-
-
-def load_script(name):
-    """Import a top-level script by path (``test_prohmr_scene.py`` shares this test module's name)."""
-    spec = importlib.util.spec_from_file_location(f'_script_{name}', os.path.join(ROOT, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_manifest(path):

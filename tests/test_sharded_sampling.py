@@ -8,7 +8,6 @@ and many rows in different orders), which is what is checked there.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -19,15 +18,9 @@ import types
 import numpy as np
 import pytest
 import torch
+from script_loader import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------------------------------------ streams
@@ -138,15 +131,18 @@ def stage2_flags(world, save_root, batch_size, extra=()):
             '--save_root', str(save_root), *extra]
 
 
-def stage2_outputs(save_root):
-    out = os.path.join(str(save_root), 'output_egohmr_s2')
-    with open(os.path.join(out, 'metrics.json')) as f:
+def read_outputs(out_dir, results_name):
+    """``(metrics.json, the results pickle, predictions.npz)`` of a test script's output folder."""
+    with open(os.path.join(out_dir, 'metrics.json')) as f:
         metrics = json.load(f)
-    with open(os.path.join(out, 'results_seed_3.pkl'), 'rb') as f:
+    with open(os.path.join(out_dir, results_name), 'rb') as f:
         results = pickle.load(f)
-    with np.load(os.path.join(out, 'predictions.npz')) as data:
-        predictions = {k: data[k] for k in data.files}
-    return metrics, results, predictions
+    with np.load(os.path.join(out_dir, 'predictions.npz')) as data:
+        return metrics, results, {k: data[k] for k in data.files}
+
+
+def stage2_outputs(save_root):
+    return read_outputs(os.path.join(str(save_root), 'output_egohmr_s2'), 'results_seed_3.pkl')
 
 
 def assert_same_outputs(a, b):
@@ -222,13 +218,7 @@ def test_stage1_two_shares_merged_equal_one_process(split_world, tmp_path):
                 '--log_freq', '0', '--save_root', str(save_root), *extra]
 
     def outputs(save_root):
-        out = os.path.join(str(save_root), 'output_prohmr_scene_s1')
-        with open(os.path.join(out, 'metrics.json')) as f:
-            metrics = json.load(f)
-        with open(os.path.join(out, 'results.pkl'), 'rb') as f:
-            results = pickle.load(f)
-        with np.load(os.path.join(out, 'predictions.npz')) as data:
-            return metrics, results, {k: data[k] for k in data.files}
+        return read_outputs(os.path.join(str(save_root), 'output_prohmr_scene_s1'), 'results.pkl')
     assert script.main(flags(tmp_path / 'one')) == 0
     for k in range(2):
         assert script.main(flags(tmp_path / 'split', ['--shard', f'{k}/2'])) == 0

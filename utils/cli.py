@@ -164,6 +164,22 @@ def run_training(args, train, errors=(), load_config=None) -> int:
     return 0
 
 
+def run_test(run, args, errors=()) -> int:
+    """``run(args)`` of a test script: data problems (and the extra ``errors`` types) end with one ``error:`` line and
+    exit code 1; under torchrun the process group is closed however it ends."""
+    from utils import distributed
+    from utils.checks import error_line
+    from utils.io import DataError
+    try:
+        run(args)
+    except (DataError, FileNotFoundError) + tuple(errors) as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.close_distributed()
+    return 0
+
+
 def parse_test_args(parser: argparse.ArgumentParser, argv, run_settings):
     """Parse a test script's flags and take the checkpoint's training settings ``run_settings`` from its recorded
     run (:func:`utils.run_state.apply_run_settings`); None after printing the one-line error of a contradiction."""

@@ -140,6 +140,16 @@ def split_dataset(dataset, batch_size: int, share: Optional[Tuple[int, int]]):
     return Subset(dataset, shard_indices(len(dataset), batch_size, *share))
 
 
+def finish_test_run(out_dir: str, share: Optional[Tuple[int, int]], stage: str, settings: Dict, result: Dict,
+                    payload, write_outputs, merge):
+    """The end of a test script's run: the whole split (``share`` None) calls ``write_outputs()``; a share writes
+    ``payload()`` (:func:`finish_share`). Returns the result of the whole split where this process has it."""
+    if share is None:
+        write_outputs()
+        return result
+    return finish_share(out_dir, share, stage, settings, payload(), merge) or result
+
+
 def finish_share(out_dir: str, share: Tuple[int, int], stage: str, settings: Dict, payload: Dict, merge,
                  log=print):
     """Write this process's share. Under torchrun every rank waits for the others and rank 0 then calls ``merge()``
