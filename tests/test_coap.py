@@ -276,6 +276,39 @@ def test_collision_loss_gradient_reaches_the_pose(smpl, mocap):
     assert pose.grad is not None and torch.isfinite(pose.grad).all() and pose.grad.abs().sum() > 0
 
 
+def test_collision_loss_pose_gradients_are_bit_reproducible(smpl, mocap):
+    """Sparse and dense collision losses: repeated calls give bit-identical gradients w.r.t. the pose (through the
+    part frames and codes; the vertices are detached). Their rows repeat once per colliding point, which the
+    backward of advanced indexing (index_put_ with accumulate, parallel atomics on CPU) summed in a varying order."""
+    model = COAPBodyModel(smpl).eval().requires_grad_(False)
+    load_coap_checkpoint(model, ASSET)
+    pose = torch.tensor(mocap[:6], requires_grad=True)
+    g = torch.Generator().manual_seed(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)                    # the atomic path needs > 1 thread
+    try:
+        for loss_name in ('sparse_collision_loss', 'collision_loss'):
+            grads = []
+            for _ in range(4):
+                pose.grad = None
+                out = smpl(global_orient=pose[:, :3], body_pose=pose[:, 3:], return_full_pose=True)
+                body = SimpleNamespace(vertices=out.vertices.detach(), joints=out.joints, full_pose=out.full_pose)
+                if not grads:
+                    pick = torch.randint(6890, (3000,), generator=g)
+                    points = out.vertices.detach()[:, pick] + 0.03 * torch.randn(6, 3000, 3, generator=g)
+                torch.manual_seed(5)
+                model.detach_cache()
+                loss = getattr(model, loss_name)(points, body)
+                assert loss.min() > 10      # many colliding points per part
+                loss.sum().backward()
+                grads.append(pose.grad.clone())
+            assert grads[0].abs().sum() > 0
+            assert all(torch.equal(grads[0], other) for other in grads[1:]), loss_name
+    finally:
+        torch.set_num_threads(threads)
+        model.detach_cache()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
