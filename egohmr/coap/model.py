@@ -130,7 +130,7 @@ class COAPBodyModel(nn.Module):
         self.level_set = LEVEL_SET
         self.register_buffer('k_one_hot', torch.eye(NUM_PARTS))
         self.partitioner = Partitioner(faces, lbs_weights, parents)
-        self.encoder = ResnetPointnet(out_dim=LATENT_DIM, hidden_dim=128, block_ids=(0, 1, 3, 4))
+        self.encoder = ResnetPointnet(out_dim=LATENT_DIM, hidden_dim=128, block_ids=(0, 1, 3, 4), pooled_once=False)
         query_in = 3 + 1 + NUM_PARTS + LATENT_DIM  # local point, inside-box flag, part one-hot, part code
         self.query_encoder = ImplicitNet(query_in, LATENT_DIM, [256, 256, 256], skip_in=(2,), geometric_init=False)
         self.decoder = ImplicitNet(3 + LATENT_DIM, 1, [256] * 6, skip_in=(3,), geometric_init=True)
