@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class ResnetBlockFC(nn.Module):
@@ -30,17 +31,35 @@ class ResnetBlockFC(nn.Module):
         skip = self.shortcut(x) if self.shortcut is not None else x
         return skip + dx
 
+    def forward_pooled(self, x: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """``forward(cat([x, pooled.expand_as(x)], -1))`` for ``x [B, N, C]`` and ``pooled [B, 1, C]``, without
+        building the ``[B, N, 2C]`` input: the pooled half goes through ``fc_0`` and the shortcut once per cloud
+        instead of once per point. The same function; each sum over input channels is split in two, so the
+        float rounding differs."""
+        if self.shortcut is None:
+            return self.forward(torch.cat([x, pooled.expand_as(x)], dim=-1))
+        c = x.shape[-1]
+        w0, ws = self.fc_0.weight, self.shortcut.weight
+        h = F.linear(self.actvn(x), w0[:, :c]) + F.linear(self.actvn(pooled), w0[:, c:], self.fc_0.bias)
+        dx = self.fc_1(self.actvn(h))
+        return F.linear(x, ws[:, :c]) + F.linear(pooled, ws[:, c:]) + dx
+
 
 class ResnetPointnet(nn.Module):
     """Encode a point cloud ``[B, N, dim]`` into a global feature ``[B, out_dim]``.
 
     After every block but the last, the max over points is concatenated to each point's feature.
+
+    ``pooled_once`` (default): the next block reads that max through :meth:`ResnetBlockFC.forward_pooled` (projected
+    once per cloud, no ``[B, N, 2*hidden]`` concatenation); ``False``: the concatenation, as the original (COAP keeps
+    it: its encodings of single parts are bit-identical to the rows of a batch).
     """
 
     def __init__(self, out_dim: int = 512, hidden_dim: int = 256, dim: int = 3,
-                 block_ids: Sequence[int] = (0, 1, 2, 3), pos_layer_name: str = 'fc_pos'):
+                 block_ids: Sequence[int] = (0, 1, 2, 3), pos_layer_name: str = 'fc_pos', pooled_once: bool = True):
         super().__init__()
         self.block_ids = tuple(block_ids)
+        self.pooled_once = pooled_once
         self.pos_layer_name = pos_layer_name
         self.add_module(pos_layer_name, nn.Linear(dim, 2 * hidden_dim))
         for i in self.block_ids:
@@ -55,9 +74,12 @@ class ResnetPointnet(nn.Module):
         """The global feature before the output layer: ``relu(max over points)`` ``[B, hidden_dim]``."""
         net = getattr(self, self.pos_layer_name)(points)
         last = len(self.block_ids) - 1
+        pooled = None
         for k, i in enumerate(self.block_ids):
-            net = getattr(self, f'block_{i}')(net)
+            block = getattr(self, f'block_{i}')
+            net = block(net) if pooled is None else block.forward_pooled(net, pooled)
             if k < last:
-                pooled = net.max(dim=1, keepdim=True)[0].expand_as(net)
-                net = torch.cat([net, pooled], dim=2)
+                pooled = net.max(dim=1, keepdim=True)[0]
+                if not self.pooled_once:
+                    net, pooled = torch.cat([net, pooled.expand_as(net)], dim=2), None
         return self.actvn(net.max(dim=1)[0])

@@ -65,8 +65,11 @@ def stage2_step(world, cfg, args, device):
     from diffusion import UniformSampler, create_gaussian_diffusion
     from egohmr import trainer
 
+    from configs import egohmr_config
+
     flags = script_args(train_egohmr.build_parser(), world)
     flags.load_pretrained_img_enc = False
+    cfg = egohmr_config(args=flags)   # stage 2 reads cfg.EGOHMR (the shared config is stage 1's prohmr.yaml)
     dataset = egobody_dataset(world, cfg, flags.scene_type, split='train', stats=True)
     batch = with_scene_points(frame_batch(dataset, args.batch_size, device), args.scene_points)
     model = trainer.build_model(flags, cfg, dataset.Xmean, dataset.Xstd, device)

@@ -56,11 +56,22 @@ class ModulatedGraphConv(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
         # Fixed skeleton adjacency: a non-persistent buffer (follows .to(device), never saved).
         self.register_buffer('adj', adj.detach().clone().float(), persistent=False)
+        # 1 - I, built once (not per call); non-persistent, so the state_dict keeps its four names.
+        self.register_buffer('off_diagonal', 1.0 - torch.eye(num_nodes), persistent=False)
 
     def effective_adjacency(self) -> torch.Tensor:
         """``sym(adj + adj2)``."""
         adj = self.adj + self.adj2
         return (adj + adj.t()) / 2
+
+    def project_pair(self, x: torch.Tensor, start: int = 0, stop: int = None) -> torch.Tensor:
+        """``[x W0[start:stop], x W1[start:stop]]`` stacked, ``[2, *x.shape[:-1], out]``, from one batched GEMM.
+
+        The rows of ``x`` are broadcast over the pair (a stride-0 view), so neither ``x`` nor ``W`` is copied.
+        """
+        rows = x.reshape(-1, x.shape[-1])
+        h = torch.bmm(rows.expand(2, -1, -1), self.W[:, start:stop])
+        return h.view(2, *x.shape[:-1], h.shape[-1])
 
     def project(self, x: torch.Tensor, start: int = 0, stop: int = None):
         """``(x W0[start:stop], x W1[start:stop])``: the input channels ``start:stop`` given as ``x``.
@@ -68,17 +79,26 @@ class ModulatedGraphConv(nn.Module):
         Projections of disjoint channel ranges add up to the projection of their concatenation, so a constant part
         of the input can be projected once and reused (see :meth:`ModulatedGCN.forward`).
         """
-        return torch.matmul(x, self.W[0, start:stop]), torch.matmul(x, self.W[1, start:stop])
+        h = self.project_pair(x, start, stop)
+        return h[0], h[1]
 
     def aggregate(self, h_self: torch.Tensor, h_neigh: torch.Tensor) -> torch.Tensor:
         """Modulate the projections and mix them over the graph (self / neighbour terms), add the bias."""
+        return self.mix(h_self * self.M, h_neigh * self.M)
+
+    def mix(self, y_self: torch.Tensor, y_neigh: torch.Tensor) -> torch.Tensor:
+        """``(A*I) y_self + (A*(1-I)) y_neigh + bias`` of the modulated projections ``[..., J, out]``.
+
+        ``(A*I) y_self`` is ``diag(A) * y_self``: in fp32 the very products the [J, J] GEMM formed (its other terms
+        are exact zeros), without that GEMM.
+        """
         adj = self.effective_adjacency()
-        eye = torch.eye(adj.shape[0], dtype=adj.dtype, device=adj.device)
-        out = torch.matmul(adj * eye, h_self * self.M) + torch.matmul(adj * (1 - eye), h_neigh * self.M)
+        out = torch.diagonal(adj)[:, None] * y_self + torch.matmul(adj * self.off_diagonal, y_neigh)
         return out + self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.aggregate(*self.project(x))
+        y = self.project_pair(x) * self.M       # both projections modulated in one elementwise op
+        return self.mix(y[0], y[1])
 
     def extra_repr(self) -> str:
         return f'{self.in_features} -> {self.out_features}'

@@ -18,7 +18,7 @@ from egohmr.coap.exact import inside_mesh, winding_numbers
 from egohmr.coap.partition import MERGED_JOINTS, PART_JOINTS, majority_face_labels, merge_labels
 from egohmr.coap.sampling import sample_points_on_faces
 from egohmr.coap.training import (PairPool, TrainSettings, build_pair_pool, inside_labels, iou, load_mocap,
-                                  pair_logits, pose_bodies, standardise_codes_, vertex_parts)
+                                  pair_logits, pose_bodies, standardise_codes_, train_coap, vertex_parts)
 from utils.body_model import SMPL_PARENTS, create_smpl
 from utils.io import DataError
 
@@ -276,6 +276,39 @@ def test_collision_loss_gradient_reaches_the_pose(smpl, mocap):
     assert pose.grad is not None and torch.isfinite(pose.grad).all() and pose.grad.abs().sum() > 0
 
 
+def test_collision_loss_pose_gradients_are_bit_reproducible(smpl, mocap):
+    """Sparse and dense collision losses: repeated calls give bit-identical gradients w.r.t. the pose (through the
+    part frames and codes; the vertices are detached). Their rows repeat once per colliding point, which the
+    backward of advanced indexing (index_put_ with accumulate, parallel atomics on CPU) summed in a varying order."""
+    model = COAPBodyModel(smpl).eval().requires_grad_(False)
+    load_coap_checkpoint(model, ASSET)
+    pose = torch.tensor(mocap[:6], requires_grad=True)
+    g = torch.Generator().manual_seed(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)                    # the atomic path needs > 1 thread
+    try:
+        for loss_name in ('sparse_collision_loss', 'collision_loss'):
+            grads = []
+            for _ in range(4):
+                pose.grad = None
+                out = smpl(global_orient=pose[:, :3], body_pose=pose[:, 3:], return_full_pose=True)
+                body = SimpleNamespace(vertices=out.vertices.detach(), joints=out.joints, full_pose=out.full_pose)
+                if not grads:
+                    pick = torch.randint(6890, (3000,), generator=g)
+                    points = out.vertices.detach()[:, pick] + 0.03 * torch.randn(6, 3000, 3, generator=g)
+                torch.manual_seed(5)
+                model.detach_cache()
+                loss = getattr(model, loss_name)(points, body)
+                assert loss.min() > 10      # many colliding points per part
+                loss.sum().backward()
+                grads.append(pose.grad.clone())
+            assert grads[0].abs().sum() > 0
+            assert all(torch.equal(grads[0], other) for other in grads[1:]), loss_name
+    finally:
+        torch.set_num_threads(threads)
+        model.detach_cache()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
@@ -433,6 +466,48 @@ def test_pair_logits_equal_the_full_query_network(smpl):
     split.sum().backward()
     assert model.query_encoder.lin0.weight.grad[:, 20:].abs().sum() > 0
     assert model.query_encoder.lin2.weight.grad.abs().sum() > 0
+
+
+def test_pair_logits_gradients_are_bit_reproducible(smpl):
+    """The same pairs give bit-identical gradients on every call. The per-part term is gathered with index_select:
+    the backward of ``term[body, part]`` (index_put_ with accumulate) adds its float rows with parallel atomics on
+    CPU once a tensor has >= 32768 elements and torch runs > 1 thread, so the sums came out in a varying order."""
+    torch.manual_seed(0)
+    model = COAPBodyModel(smpl)
+    latent = torch.randn(3, 16, 128)
+    body = torch.randint(3, (2048,))            # 2048 pairs on 48 (body, part) rows: many repeats per row
+    part = torch.randint(16, (2048,))
+    local = 0.2 * torch.randn(2048, 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)                    # the atomic path needs > 1 thread (also on a 1-core machine)
+    try:
+        grads = []
+        for _ in range(4):
+            model.zero_grad(set_to_none=True)
+            pair_logits(model, latent, body, part, local).square().sum().backward()
+            grads.append(model.query_encoder.lin0.weight.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+def test_train_coap_is_bit_reproducible(smpl, mocap):
+    """Two short trainings with the same seed give bit-identical weights (fp32 and bf16 autocast)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for bf16 in (False, True):
+            settings = TrainSettings(iters=4, batch_size=512, pool_bodies=2, box_points=16, surface_points=128,
+                                     volume_points=64, eval_bodies=1, eval_points=64, eval_surface_points=64,
+                                     bf16=bf16, seed=3)
+            first, _ = train_coap(smpl, mocap, settings)
+            second, _ = train_coap(smpl, mocap, settings)
+            a, b = first.state_dict(), second.state_dict()
+            assert a.keys() == b.keys()
+            differing = [name for name in a if not torch.equal(a[name], b[name])]
+            assert differing == [], f"bf16={bf16}: {differing}"
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_standardised_codes_have_zero_mean_and_unit_within_part_spread():

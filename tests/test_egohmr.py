@@ -110,6 +110,73 @@ def test_modulated_graph_conv_formula():
     torch.testing.assert_close(conv(x), expected + conv.bias, rtol=1e-4, atol=1e-5)
 
 
+def brute_force_graph_conv(conv, x):
+    """The layer's formula joint by joint and sample by sample, in the dtype of ``x``."""
+    a = conv.adj.to(x.dtype) + conv.adj2
+    a = (a + a.t()) / 2
+    rows = []
+    for b in range(x.shape[0]):
+        joints = []
+        for i in range(24):
+            total = conv.bias.clone()
+            for j in range(24):
+                weight = conv.W[0] if i == j else conv.W[1]
+                total = total + a[i, j] * conv.M[j] * (x[b, j] @ weight)
+            joints.append(total)
+        rows.append(torch.stack(joints))
+    return torch.stack(rows)
+
+
+def test_graph_conv_values_and_gradients_equal_the_per_joint_formula():
+    torch.manual_seed(4)
+    conv = ModulatedGraphConv(6, 5, smpl_adjacency())
+    assert list(conv.state_dict()) == ['W', 'M', 'adj2', 'bias']
+    with torch.no_grad():
+        conv.adj2.normal_(0.0, 0.3)
+        conv.bias.normal_()
+    x = torch.randn(3, 24, 6)
+    # fp32 against the formula in fp64: float rounding only.
+    exact = brute_force_graph_conv(conv.double(), x.double()).float()
+    conv.float()
+    out = conv(x)
+    torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-6 * exact.abs().max().item())
+    # fp64: values and the gradients of every parameter and of the input.
+    conv.double()
+    x64 = x.double().requires_grad_()
+    weights = torch.randn(3, 24, 5, dtype=torch.float64)
+    (conv(x64) * weights).sum().backward()
+    fast = [x64.grad] + [p.grad.clone() for p in conv.parameters()]
+    conv.zero_grad()
+    x64.grad = None
+    (brute_force_graph_conv(conv, x64) * weights).sum().backward()
+    slow = [x64.grad] + [p.grad for p in conv.parameters()]
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_graph_conv_projection_and_self_term():
+    torch.manual_seed(5)
+    conv = ModulatedGraphConv(7, 4, smpl_adjacency())
+    with torch.no_grad():
+        conv.adj2.normal_(0.0, 0.3)
+    x = torch.randn(2, 24, 7)
+    pair = conv.project_pair(x[..., 2:6], 2, 6)   # x holds the input channels 2:6
+    assert pair.shape == (2, 2, 24, 4)
+    for b in range(2):
+        for j in range(24):
+            for k in range(2):
+                expected = sum(x[b, j, 2 + c] * conv.W[k, 2 + c] for c in range(4))
+                torch.testing.assert_close(pair[k, b, j], expected, rtol=1e-6, atol=1e-6)
+    h_self, h_neigh = conv.project(x[..., 2:6], 2, 6)
+    assert torch.equal(h_self, pair[0]) and torch.equal(h_neigh, pair[1])
+    # The self term is diag(A) * y: bit-identical to the (A*I) @ y GEMM it replaces (whose other terms are 0).
+    y = torch.randn(3, 24, 4)
+    a = conv.effective_adjacency()
+    with torch.no_grad():
+        mixed = conv.mix(y, torch.zeros_like(y))
+    assert torch.equal(mixed, torch.matmul(a * torch.eye(24), y) + conv.bias)
+
+
 def test_gcn_split_projection_equals_full_input():
     torch.manual_seed(2)
     gcn = ModulatedGCN(in_dim=10, hid_dim=8, out_dim=6, num_layers=2).eval()

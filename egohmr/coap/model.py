@@ -130,7 +130,7 @@ class COAPBodyModel(nn.Module):
         self.level_set = LEVEL_SET
         self.register_buffer('k_one_hot', torch.eye(NUM_PARTS))
         self.partitioner = Partitioner(faces, lbs_weights, parents)
-        self.encoder = ResnetPointnet(out_dim=LATENT_DIM, hidden_dim=128, block_ids=(0, 1, 3, 4))
+        self.encoder = ResnetPointnet(out_dim=LATENT_DIM, hidden_dim=128, block_ids=(0, 1, 3, 4), pooled_once=False)
         query_in = 3 + 1 + NUM_PARTS + LATENT_DIM  # local point, inside-box flag, part one-hot, part code
         self.query_encoder = ImplicitNet(query_in, LATENT_DIM, [256, 256, 256], skip_in=(2,), geometric_init=False)
         self.decoder = ImplicitNet(3 + LATENT_DIM, 1, [256] * 6, skip_in=(3,), geometric_init=True)
@@ -255,7 +255,8 @@ class COAPBodyModel(nn.Module):
             local_in,
             torch.ones_like(local_in[:, :1]),
             self.k_one_hot[k_idx],
-            code['latent_code'][b_idx, k_idx],
+            # index_select: a bit-reproducible backward over the repeated (body, part) rows (see sparse_collision_loss)
+            code['latent_code'].flatten(0, 1).index_select(0, b_idx * NUM_PARTS + k_idx),
         ], dim=-1)
         hidden = self.query_encoder(features)
         logits = self.decoder(torch.cat([local_in, hidden], dim=-1))[:, 0]
@@ -366,8 +367,12 @@ class COAPBodyModel(nn.Module):
         batch = vertices.shape[0]
         bone_trans = self.compute_bone_trans(full_pose.reshape(batch, -1), joints)
         latent = self.encode_parts(vertices, bone_trans, state['draws'], pairs // NUM_PARTS, pairs % NUM_PARTS)
-        local_c = apply_transform(bone_trans[b_c, k_c], points[b_c, t_c][:, None].to(bone_trans.dtype))[:, 0]
-        part_occ = torch.sigmoid(-self._part_logits(local_c, k_c, latent[slot]))
+        # index_select, not bone_trans[b_c, k_c] / latent[slot]: rows repeat (one per colliding point), and the
+        # backward of advanced indexing (index_put_ with accumulate) adds repeated float rows with parallel atomics
+        # on CPU, in a varying order; index_select's backward (index_add_) adds them in index order.
+        frames = bone_trans.reshape(-1, 4, 4).index_select(0, b_c * NUM_PARTS + k_c)
+        local_c = apply_transform(frames, points[b_c, t_c][:, None].to(bone_trans.dtype))[:, 0]
+        part_occ = torch.sigmoid(-self._part_logits(local_c, k_c, latent.index_select(0, slot)))
         differentiable = part_occ.new_zeros(batch).index_add(0, b_c, part_occ - self.level_set)
         # The value of the dense loss, the gradient of the colliding points (x - x is exactly 0).
         return excess + (differentiable - differentiable.detach())

@@ -216,11 +216,15 @@ def pair_logits(coap: COAPBodyModel, latent: torch.Tensor, body: torch.Tensor, p
     """
     net = coap.query_encoder
     d_in = net.d_in
+    row = body * NUM_PARTS + part   # the pair's row of the flattened [B*16, width] term
 
     def per_part_term(layer: torch.nn.Linear) -> torch.Tensor:
         weight = layer.weight[:, layer.in_features - d_in:]                    # columns reading the net input
         term = latent @ weight[:, 4 + NUM_PARTS:].t() + weight[:, 4:4 + NUM_PARTS].t() + weight[:, 3]
-        return term[body, part]
+        # index_select, not term[body, part]: the backward of advanced indexing is index_put_ with accumulate,
+        # which on CPU adds float rows with parallel atomics (>1 thread, large tensors) in a varying order; the
+        # backward of index_select is index_add_, which adds them in index order (bit-reproducible).
+        return term.reshape(-1, term.shape[-1]).index_select(0, row)
 
     def first_input_layer(layer: torch.nn.Linear, x: Optional[torch.Tensor]) -> torch.Tensor:
         weight = layer.weight[:, layer.in_features - d_in:]

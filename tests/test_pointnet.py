@@ -1,0 +1,69 @@
+"""ResNet-PointNet: the pooled-once blocks compute the original concatenation formulation."""
+from __future__ import annotations
+
+import torch
+
+from backbones.pointnet import ResnetPointnet
+
+
+def concatenation_reference(model: ResnetPointnet, points: torch.Tensor) -> torch.Tensor:
+    """The original forward written out: after every block but the last, ``[feature, max over points]`` is the next
+    block's input, and every block is ``shortcut(x) + fc_1(relu(fc_0(relu(x))))``."""
+    pos = getattr(model, model.pos_layer_name)
+    net = points @ pos.weight.t() + pos.bias
+    for k, i in enumerate(model.block_ids):
+        block = getattr(model, f'block_{i}')
+        inner = torch.relu(net) @ block.fc_0.weight.t() + block.fc_0.bias
+        net = net @ block.shortcut.weight.t() + torch.relu(inner) @ block.fc_1.weight.t() + block.fc_1.bias
+        if k < len(model.block_ids) - 1:
+            pooled = net.max(dim=1, keepdim=True).values
+            net = torch.cat([net, pooled.expand(-1, net.shape[1], -1)], dim=2)
+    return torch.relu(net.max(dim=1).values) @ model.fc_c.weight.t() + model.fc_c.bias
+
+
+def randomised(model: ResnetPointnet) -> ResnetPointnet:
+    with torch.no_grad():
+        for param in model.parameters():    # fc_1 starts at zero: give every layer weight
+            param.normal_(0.0, 0.2)
+    return model
+
+
+def test_pooled_once_equals_the_concatenation():
+    torch.manual_seed(0)
+    model = randomised(ResnetPointnet(out_dim=5, hidden_dim=6, pos_layer_name='fc_pos_0'))
+    plain = ResnetPointnet(out_dim=5, hidden_dim=6, pos_layer_name='fc_pos_0', pooled_once=False)
+    assert list(model.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(model.state_dict())
+    points = torch.randn(3, 50, 3)
+    exact = concatenation_reference(model.double(), points.double())
+    model.float()
+    out = model(points)
+    torch.testing.assert_close(out, exact.float(), rtol=1e-5, atol=1e-6 * exact.abs().max().item())
+    # fp64: values and the gradients of every parameter and of the points.
+    model.double()
+    x = points.double().requires_grad_()
+    weights = torch.randn(3, 5, dtype=torch.float64)
+    (model(x) * weights).sum().backward()
+    fast = [x.grad] + [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    x.grad = None
+    (concatenation_reference(model, x) * weights).sum().backward()
+    slow = [x.grad] + [p.grad for p in model.parameters()]
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_concatenating_encoder_keeps_the_original_layers():
+    """``pooled_once=False`` (COAP) runs the blocks on the concatenated input: the same nn.Linear calls as before."""
+    torch.manual_seed(1)
+    model = randomised(ResnetPointnet(out_dim=4, hidden_dim=8, block_ids=(0, 1, 3, 4), pooled_once=False))
+    points = torch.randn(2, 30, 3)
+    net = model.fc_pos(points)
+    for k, i in enumerate(model.block_ids):
+        net = getattr(model, f'block_{i}')(net)
+        if k < 3:
+            net = torch.cat([net, net.max(dim=1, keepdim=True)[0].expand_as(net)], dim=2)
+    expected = model.fc_c(torch.relu(net.max(dim=1)[0]))
+    with torch.no_grad():
+        assert torch.equal(model(points), expected)
+    torch.testing.assert_close(model(points), concatenation_reference(model, points), rtol=1e-5, atol=1e-6)
