@@ -65,13 +65,10 @@ def test_demo_page_links_every_picture(tiny_demo):
         assert any(run in link and link.endswith('per_joint_errors.png') for link in links), run
 
 
-def test_collision_guidance_does_not_raise_the_collision_ratio(tiny_demo):
-    """Same seeds, GT translations, the tiny world's seated test person, with --guide_final_step (see demo.sh).
-
-    The tiny demo trains COAP for 150 steps, and that training is not bit-reproducible across runs (the weights
-    differ in low bits from run to run), so how much the one guided step removes varies: measured 0.00482 -> 0.00453
-    in one run, 0.00505 -> 0.00506 in another. Here the pipeline's guidance must not raise the ratio by more than
-    1 %; the strict decrease with fixed COAP weights is tests/test_guidance.py's."""
+def test_collision_guidance_lowers_the_collision_ratio(tiny_demo):
+    """Same seeds, GT translations, the tiny world's seated test person, with --guide_final_step (see demo.sh): the
+    guided run's collision ratio is lower. (The whole tiny pipeline, COAP's 150 training steps included, is
+    bit-reproducible on the CPU, so this compares two fixed numbers.)"""
     out, _ = tiny_demo
     ratios = {}
     for guidance in ('False', 'True'):
@@ -79,7 +76,8 @@ def test_collision_guidance_does_not_raise_the_collision_ratio(tiny_demo):
         with open(path) as f:
             ratios[guidance] = json.load(f)['collision_ratio']
     assert ratios['False'] > 0, 'the guidance check needs collisions to remove'
-    assert ratios['True'] <= 1.01 * ratios['False'], ratios
+    print('collision ratio without / with guidance:', ratios)
+    assert ratios['True'] < ratios['False'], ratios
 
 
 def test_demo_renders_images(tiny_demo):

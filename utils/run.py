@@ -32,7 +32,9 @@ def str2bool(value) -> bool:
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (all devices) and turn off cuDNN's benchmark autotuner (it picks kernels by
     timing them). That alone does not make CUDA runs bit-reproducible: some CUDA kernels stay nondeterministic
-    unless ``torch.use_deterministic_algorithms(True)``; CPU runs are reproducible."""
+    unless ``torch.use_deterministic_algorithms(True)``. On the CPU the code avoids the one nondeterministic kernel it
+    met (the backward of advanced indexing with repeated rows, ``index_put_`` with accumulate: ``index_select``
+    instead), so CPU runs with a fixed thread count are bit-reproducible."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

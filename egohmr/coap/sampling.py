@@ -93,5 +93,9 @@ def points_on_drawn_faces(vertices: torch.Tensor, faces: torch.Tensor, chosen: t
     draws; differentiable with respect to ``vertices``. Only the chosen faces' corners are gathered.
     """
     corner_ids = faces.clamp_min(0).long()[set_idx[:, None], chosen[body_idx, set_idx]]     # [N, n, 3]
-    picked = vertices[body_idx[:, None, None], corner_ids]                                  # [N, n, 3, 3]
+    # index_select on the flattened vertices, not vertices[body_idx, corner_ids]: corners repeat, and the backward of
+    # advanced indexing (index_put_ with accumulate) adds repeated float rows with parallel atomics on the CPU, in a
+    # varying order; index_select's backward adds them in index order (bit-reproducible gradients).
+    flat = (body_idx[:, None, None] * vertices.shape[1] + corner_ids).reshape(-1)
+    picked = vertices.reshape(-1, 3).index_select(0, flat).reshape(*corner_ids.shape, 3)    # [N, n, 3, 3]
     return (weights[body_idx, set_idx][..., None] * picked).sum(dim=2)
