@@ -11,9 +11,9 @@ export PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-egl}
 
 # WORLD_SEED: tiny uses a world whose test person sits, so that the guidance check has collisions to remove.
 case "$DEMO_SIZE" in
-  tiny)  RECS=4;  FRAMES=4;  S1_ITERS=8;    S2_ITERS=8;    VAL=4;   BS=4; COAP_ITERS=150;  SAMPLES=2; SDR=20; WSEED=9 ;;
-  small) RECS=10; FRAMES=4;  S1_ITERS=60;   S2_ITERS=60;   VAL=30;  BS=4; COAP_ITERS=1200; SAMPLES=5; SDR=10; WSEED=0 ;;
-  full)  RECS=24; FRAMES=20; S1_ITERS=3000; S2_ITERS=3000; VAL=500; BS=8; COAP_ITERS=2000; SAMPLES=5; SDR=4;  WSEED=0 ;;
+  tiny)  RECS=4;  FRAMES=4;  S1_ITERS=8;    S2_ITERS=8;    VAL=4;   BS=4; COAP_ITERS=150;  COAP_BODIES=64;  SAMPLES=2; SDR=20; WSEED=9 ;;
+  small) RECS=10; FRAMES=4;  S1_ITERS=60;   S2_ITERS=60;   VAL=30;  BS=4; COAP_ITERS=1200; COAP_BODIES=128; SAMPLES=5; SDR=10; WSEED=0 ;;
+  full)  RECS=24; FRAMES=20; S1_ITERS=3000; S2_ITERS=3000; VAL=500; BS=8; COAP_ITERS=2000; COAP_BODIES=128; SAMPLES=5; SDR=4;  WSEED=0 ;;
   *) echo "DEMO_SIZE must be tiny, small or full, got '$DEMO_SIZE'" >&2; exit 2 ;;
 esac
 
@@ -51,7 +51,8 @@ $PY preprocess_scene_s2_for_test.py --split test --data_root "$ROOT" --data_dir 
   --stage1_result_path "$S1_RESULTS"
 
 step "6/9 COAP occupancy weights for the synthetic body"
-$PY train_coap.py --data_dir "$DATA" --gender neutral --iters $COAP_ITERS --out "$OUT/coap/coap_smpl_neutral.ckpt"
+$PY train_coap.py --data_dir "$DATA" --gender neutral --iters $COAP_ITERS --pool_bodies $COAP_BODIES \
+  --out "$OUT/coap/coap_smpl_neutral.ckpt"
 
 step "7/9 train stage 2 (EgoHMR)"
 $PY train_egohmr.py --dataset_root "$ROOT" --data_dir "$DATA" --load_pretrained_img_enc False \
