@@ -8,11 +8,13 @@ Two configurations are used, with parameter names fixed by the released checkpoi
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from utils.tensors import map_row_chunks
 
 
 class ResnetBlockFC(nn.Module):
@@ -53,13 +55,19 @@ class ResnetPointnet(nn.Module):
     ``pooled_once`` (default): the next block reads that max through :meth:`ResnetBlockFC.forward_pooled` (projected
     once per cloud, no ``[B, N, 2*hidden]`` concatenation); ``False``: the concatenation, as the original (COAP keeps
     it: its encodings of single parts are bit-identical to the rows of a batch).
+
+    ``chunk_points``: encode the batch a few clouds at a time, about this many points per slice (at least one
+    cloud), so that the per-point activations stay in the CPU cache; the clouds are independent, so the values are
+    the same. None: the whole batch at once.
     """
 
     def __init__(self, out_dim: int = 512, hidden_dim: int = 256, dim: int = 3,
-                 block_ids: Sequence[int] = (0, 1, 2, 3), pos_layer_name: str = 'fc_pos', pooled_once: bool = True):
+                 block_ids: Sequence[int] = (0, 1, 2, 3), pos_layer_name: str = 'fc_pos', pooled_once: bool = True,
+                 chunk_points: Optional[int] = None):
         super().__init__()
         self.block_ids = tuple(block_ids)
         self.pooled_once = pooled_once
+        self.chunk_points = chunk_points
         self.pos_layer_name = pos_layer_name
         self.add_module(pos_layer_name, nn.Linear(dim, 2 * hidden_dim))
         for i in self.block_ids:
@@ -72,6 +80,11 @@ class ResnetPointnet(nn.Module):
 
     def pooled_features(self, points: torch.Tensor) -> torch.Tensor:
         """The global feature before the output layer: ``relu(max over points)`` ``[B, hidden_dim]``."""
+        if self.chunk_points is None:
+            return self._pooled_features(points)
+        return map_row_chunks(self._pooled_features, (points,), max(1, self.chunk_points // max(1, points.shape[1])))
+
+    def _pooled_features(self, points: torch.Tensor) -> torch.Tensor:
         net = getattr(self, self.pos_layer_name)(points)
         last = len(self.block_ids) - 1
         pooled = None

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from egohmr import collision
+from egohmr.gcn import weights_cast_once
 from egohmr.guidance import ROW_STREAMS_KEY, SAMPLES_IN_CHAIN_KEY, CollisionGuidance
 from egohmr.model import POSE_ONLY_KEY
 from egohmr.visibility import in_image_mask
 from utils.frame_rng import RowStreams, frame_indices
-from utils.tensors import to_numpy
+from utils.tensors import full_precision, to_numpy
 from utils.metrics import masked_procrustes, similarity_procrustes
 
 MM = 1000.0
@@ -91,7 +92,7 @@ def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 
     if num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {num_samples}")
     model.eval()
-    with sampling_precision(precision, model.device):
+    with sampling_precision(precision, model.device), weights_cast_once(model):
         return _sample_poses(model, diffusion, batch, num_samples, method, guidance, samples_per_chain,
                              occupancy_model, guide_final_step, sample_seed)
 
@@ -134,9 +135,11 @@ def _sample_poses(model, diffusion, batch, num_samples, method, guidance, sample
         piece = {'rotmats': out['pred_rotmats'].float(), 'betas': out['pred_smpl_params']['betas'].float(),
                  'joints': out['pred_keypoints_3d'].float(), 'vertices': out['pred_vertices'].float()}
         if occupancy_model is not None:
-            ratio = collision.collision_ratio(occupancy_model, chain_batch['condition']['scene_points'],
-                                              out['pred_vertices'], out['pred_keypoints_3d'], out['pred_rotmats'],
-                                              generators=streams.generators('collision_ratio') if streams else None)
+            with full_precision(out['pred_vertices']):          # the metric in fp32 (a bf16 run included)
+                ratio = collision.collision_ratio(occupancy_model, chain_batch['condition']['scene_points'],
+                                                  out['pred_vertices'], out['pred_keypoints_3d'],
+                                                  out['pred_rotmats'],
+                                                  generators=streams.generators('collision_ratio') if streams else None)
             piece['collision_ratio'] = torch.from_numpy(ratio)
         pieces.append({k: untile(v, times) for k, v in piece.items()})
         done += times

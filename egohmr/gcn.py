@@ -6,6 +6,7 @@ The fixed skeleton adjacency is a non-persistent buffer (not in the state_dict) 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence, Tuple
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from utils.body_model import NUM_SMPL_JOINTS, SMPL_EDGES
+from utils.tensors import autocast_is_on, full_precision
 
 GCN_WEIGHT_GAIN = 1.414
 ADJ_OFFSET_INIT = 1e-6
@@ -58,6 +60,7 @@ class ModulatedGraphConv(nn.Module):
         self.register_buffer('adj', adj.detach().clone().float(), persistent=False)
         # 1 - I, built once (not per call); non-persistent, so the state_dict keeps its four names.
         self.register_buffer('off_diagonal', 1.0 - torch.eye(num_nodes), persistent=False)
+        self._cast_cache = None          # {dtype: W cast}, only inside weights_cast_once
 
     def effective_adjacency(self) -> torch.Tensor:
         """``sym(adj + adj2)``."""
@@ -70,8 +73,20 @@ class ModulatedGraphConv(nn.Module):
         The rows of ``x`` are broadcast over the pair (a stride-0 view), so neither ``x`` nor ``W`` is copied.
         """
         rows = x.reshape(-1, x.shape[-1])
-        h = torch.bmm(rows.expand(2, -1, -1), self.W[:, start:stop])
+        h = torch.bmm(rows.expand(2, -1, -1), self.weight_for(rows)[:, start:stop])
         return h.view(2, *x.shape[:-1], h.shape[-1])
+
+    def weight_for(self, x: torch.Tensor) -> torch.Tensor:
+        """``W``; inside :func:`weights_cast_once` under autocast without gradients, ``W`` in the autocast dtype,
+        cast once for the block (autocast would cast the ``[2, in, out]`` weights again at every call: they reach
+        ``bmm`` as slices, which its cast cache does not keep)."""
+        cache = self._cast_cache
+        if cache is None or not autocast_is_on(x) or torch.is_grad_enabled():
+            return self.W
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if dtype not in cache:
+            cache[dtype] = self.W.detach().to(dtype)
+        return cache[dtype]
 
     def project(self, x: torch.Tensor, start: int = 0, stop: int = None):
         """``(x W0[start:stop], x W1[start:stop])``: the input channels ``start:stop`` given as ``x``.
@@ -90,8 +105,12 @@ class ModulatedGraphConv(nn.Module):
         """``(A*I) y_self + (A*(1-I)) y_neigh + bias`` of the modulated projections ``[..., J, out]``.
 
         ``(A*I) y_self`` is ``diag(A) * y_self``: in fp32 the very products the [J, J] GEMM formed (its other terms
-        are exact zeros), without that GEMM.
+        are exact zeros), without that GEMM. Under autocast it runs in fp32 (a [J, J] product: cheap, and its bf16
+        rounding would reach every layer's output).
         """
+        if autocast_is_on(y_self):
+            with full_precision(y_self):
+                return self.mix(y_self.float(), y_neigh.float())
         adj = self.effective_adjacency()
         out = torch.diagonal(adj)[:, None] * y_self + torch.matmul(adj * self.off_diagonal, y_neigh)
         return out + self.bias
@@ -102,6 +121,21 @@ class ModulatedGraphConv(nn.Module):
 
     def extra_repr(self) -> str:
         return f'{self.in_features} -> {self.out_features}'
+
+
+@contextlib.contextmanager
+def weights_cast_once(module: nn.Module):
+    """Within the block, every :class:`ModulatedGraphConv` of ``module`` casts its ``W`` to the autocast dtype once
+    (at its first call under autocast without gradients) instead of at every call; the casts are dropped at exit, so
+    weights changed afterwards are cast anew. For a sampling chain (fixed weights, 50 steps)."""
+    convs = [m for m in module.modules() if isinstance(m, ModulatedGraphConv)]
+    for conv in convs:
+        conv._cast_cache = {}
+    try:
+        yield
+    finally:
+        for conv in convs:
+            conv._cast_cache = None
 
 
 class GraphConvBlock(nn.Module):
@@ -169,4 +203,8 @@ class ModulatedGCN(nn.Module):
         else:
             d_self, d_neigh = first.gconv.project(x, self.in_dim - x.shape[-1], self.in_dim)
             h = first.activate(first.gconv.aggregate(leading[0] + d_self, leading[1] + d_neigh))
-        return self.gconv_output(self.gconv_layers(h))
+        h = self.gconv_layers(h)
+        if autocast_is_on(h):
+            with full_precision(h):
+                return self.gconv_output(h.float())
+        return self.gconv_output(h)

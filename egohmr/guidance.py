@@ -29,6 +29,7 @@ import torch
 from egohmr.collision import COAP_SAMPLE_SEED, body_for_occupancy, per_body_losses, seeded_rng
 from utils.body_model import NUM_SMPL_JOINTS
 from utils.geometry import rot6d_to_rotmat
+from utils.tensors import full_precision
 
 # DDPM: guided where the chain's step index is <= 10; posterior variance from step 5 up, 0.01 below.
 DDPM_GUIDANCE_MAX_T = 10
@@ -65,11 +66,14 @@ def collision_guidance_gradient(model, x_t: torch.Tensor, betas: torch.Tensor, s
     rows = x_t.shape[0]
     num_images = rows if num_images is None else int(num_images)
     with torch.enable_grad():
-        pose_6d = model.denormalize_pose(x_t.detach()).requires_grad_(True)
-        rotmats = rot6d_to_rotmat(pose_6d, mode='diffusion').reshape(rows, NUM_SMPL_JOINTS, 3, 3)
-        smpl_out = model.smpl(global_orient=rotmats[:, :1], body_pose=rotmats[:, 1:], betas=betas.detach(),
-                              pose2rot=False)
-        body = body_for_occupancy(smpl_out.vertices, smpl_out.joints, rotmats)
+        # The body in fp32 in a bf16 run too (under autocast only COAP's networks run in bf16, egohmr.coap.model).
+        with full_precision(x_t):
+            pose_6d = model.denormalize_pose(x_t.detach().float()).requires_grad_(True)
+            rotmats = rot6d_to_rotmat(pose_6d, mode='diffusion').reshape(rows, NUM_SMPL_JOINTS, 3, 3)
+            smpl_out = model.smpl(global_orient=rotmats[:, :1], body_pose=rotmats[:, 1:],
+                                  betas=betas.detach().float(), pose2rot=False)
+            body = body_for_occupancy(smpl_out.vertices, smpl_out.joints, rotmats)
+            scene_points = scene_points.float()
         with seeded_rng(None if generators is not None else seed, x_t.device):
             losses = per_body_losses(occupancy_model, scene_points, body, max_point_index=None,
                                      generators=generators)

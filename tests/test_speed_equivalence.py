@@ -229,3 +229,103 @@ def test_pose_only_steps_give_the_fully_decoded_chain(model):
     for key, ref in (('rotmats', out['pred_rotmats']), ('betas', out['pred_smpl_params']['betas']),
                      ('joints', out['pred_keypoints_3d']), ('vertices', out['pred_vertices'])):
         assert torch.equal(fast[key], untile(ref, 3)), key
+
+
+# ------------------------------------------------------------------------------------------ cache-sized row chunks
+def test_map_row_chunks_covers_every_row_once():
+    from utils.tensors import map_row_chunks
+    x, y = torch.arange(10.0)[:, None], torch.arange(10.0, 20.0)[:, None]
+    seen = []
+
+    def fn(a, b):
+        seen.append(a.shape[0])
+        return a * b
+
+    assert torch.equal(map_row_chunks(fn, (x, y), 4), x * y) and seen == [4, 4, 2]
+    seen.clear()
+    assert torch.equal(map_row_chunks(fn, (x, y), 10), x * y) and seen == [10]
+    with pytest.raises(ValueError, match='rows_per_chunk'):
+        map_row_chunks(fn, (x, y), 0)
+
+
+def test_chunked_coap_networks_equal_the_whole_batch(model, monkeypatch):
+    """COAP's part encoder and query MLPs, a few thousand points at a time: the same bits as one call on every row
+    (values and the gradients w.r.t. the inputs), at COAP's own sizes (1000 surface samples a part)."""
+    from egohmr.coap import model as coap_model
+    coap = model.coap
+    g = torch.Generator().manual_seed(21)
+    surfaces = torch.randn(9, 1000, 3, generator=g).mul_(0.1).requires_grad_(True)   # 9 parts: slices of 4, 4, 1
+    local = torch.randn(5000, 3, generator=g).mul_(0.1).requires_grad_(True)
+    parts = torch.randint(0, 16, (5000,), generator=g)
+    latent = torch.randn(5000, 128, generator=g)
+
+    def run():
+        pooled = coap.encoder.pooled_features(surfaces)
+        logits = coap._part_logits(local, parts, latent)
+        return (pooled, logits) + torch.autograd.grad(pooled.sum() + logits.sum(), (surfaces, local))
+
+    assert coap.encoder.chunk_points == coap_model.ENCODER_CHUNK_POINTS < 9000
+    chunked = run()
+    monkeypatch.setattr(coap.encoder, 'chunk_points', None)
+    monkeypatch.setattr(coap_model, 'DECODER_CHUNK_POINTS', 10 ** 6)
+    whole = run()
+    for a, b in zip(chunked, whole):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------ --precision bf16
+def test_bf16_keeps_smpl_geometry_and_graph_mixing_in_fp32(model):
+    """Under bf16 autocast: decoding to SMPL, COAP's bone frames and point transforms give the fp32 bits; the GCN's
+    graph mixing and output layer run in fp32 (fp32 outputs), and casting W once per chain changes nothing."""
+    from egohmr.coap.model import apply_transform
+    from egohmr.gcn import weights_cast_once
+
+    batch = guidance_batch(model, seed=5)
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(2, 144, generator=g)
+    with torch.no_grad():
+        cond = model.sampling_condition(batch)
+        fp32 = model.decode(x, cond, batch)
+        _, body = posed_body(model)
+        bone_trans = model.coap.compute_bone_trans(body.full_pose, body.joints)
+        points = torch.randn(3, 50, 3, generator=g)
+        moved = apply_transform(bone_trans[:, :1], points[:, None])
+        h = torch.randn(4, 24, 1024, generator=g)
+        gcn_layers = model.diffusion_model.gconv_layers[0].gconv1.gconv
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            bf16 = model.decode(x, cond, batch)
+            assert torch.equal(model.coap.compute_bone_trans(body.full_pose, body.joints), bone_trans)
+            assert torch.equal(apply_transform(bone_trans[:, :1], points[:, None]), moved)
+            y = torch.randn(4, 24, 1024, generator=g)
+            mixed = gcn_layers.mix(y, 2 * y)
+            assert mixed.dtype == torch.float32
+            out = model.diffusion_model.gconv_output(h)
+            assert out.dtype == torch.float32
+            plain = gcn_layers(h)
+            with weights_cast_once(model):
+                assert torch.equal(gcn_layers(h), plain) and gcn_layers._cast_cache
+            assert gcn_layers._cast_cache is None
+        assert torch.equal(mixed, gcn_layers.mix(y, 2 * y))
+    for key in ('pred_vertices', 'pred_keypoints_3d', 'pred_rotmats', 'pred_keypoints_2d_full'):
+        assert bf16[key].dtype == torch.float32 and torch.equal(bf16[key], fp32[key]), key
+
+
+def test_bf16_guided_sampling_moves_joints_by_far_less_than_half_a_millimetre(model):
+    """A guided ddpm-5 chain (COAP's networks and the GCN in bf16, the rest fp32) against fp32, same seed."""
+    from diffusion import create_gaussian_diffusion
+    from egohmr.evaluate import sample_poses
+    from egohmr.guidance import CollisionGuidance
+
+    batch = guidance_batch(model, seed=6)
+    guidance = CollisionGuidance(model, model.coap, weight=2.0)
+    runs = {}
+    for precision in ('fp32', 'bf16'):
+        torch.manual_seed(13)
+        runs[precision] = sample_poses(model, create_gaussian_diffusion(5, ''), batch, 1, 'ddpm', guidance=guidance,
+                                       occupancy_model=model.coap, precision=precision)
+    joints = {k: v['joints'][:, :, :24] - v['joints'][:, :, :1] for k, v in runs.items()}
+    change_mm = 1000 * float((joints['fp32'] - joints['bf16']).norm(dim=-1).mean())
+    assert runs['bf16']['joints'].dtype == torch.float32 and runs['fp32']['collision_ratio'].min() > 0
+    assert 0 < change_mm < 0.5
+    assert abs(runs['fp32']['collision_ratio'] - runs['bf16']['collision_ratio']).max() <= 0.05 * max(
+        runs['fp32']['collision_ratio'].max(), 1e-3)

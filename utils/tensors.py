@@ -1,4 +1,4 @@
-"""Tensor <-> array helpers."""
+"""Tensor helpers: arrays, row chunks, fp32 regions under autocast."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,3 +9,30 @@ def to_numpy(x, dtype=None) -> np.ndarray:
     """A numpy array of a tensor (detached, on the CPU) or of anything ``np.asarray`` takes; cast to ``dtype``."""
     array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     return array if dtype is None else array.astype(dtype, copy=False)
+
+
+def map_row_chunks(fn, tensors, rows_per_chunk: int) -> torch.Tensor:
+    """``fn(*tensors)`` computed on consecutive dim-0 slices of ``rows_per_chunk`` rows and concatenated.
+
+    For functions that treat rows independently (per-point MLPs, per-cloud encoders): the same values, with each
+    slice's intermediate tensors small enough to stay in the CPU cache instead of streaming through memory between
+    layers (about 2x faster for COAP's networks on a 2-core CPU). Slicing is a view; autograd flows through it.
+    """
+    rows = tensors[0].shape[0]
+    if rows_per_chunk < 1:
+        raise ValueError(f"rows_per_chunk must be >= 1, got {rows_per_chunk}")
+    if rows <= rows_per_chunk:
+        return fn(*tensors)
+    return torch.cat([fn(*(t[start:start + rows_per_chunk] for t in tensors))
+                      for start in range(0, rows, rows_per_chunk)])
+
+
+def full_precision(x: torch.Tensor):
+    """A context in which autocast is off on ``x``'s device: the block runs in the dtypes of its inputs (cast them
+    with ``.float()``). For the small, precision-critical pieces of a bf16 run (graph mixing, output layers, SMPL)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def autocast_is_on(x: torch.Tensor) -> bool:
+    """Whether autocast is enabled for ``x``'s device type."""
+    return torch.is_autocast_enabled(x.device.type)

@@ -18,10 +18,15 @@ import torch.nn as nn
 from egohmr.coap.partition import NUM_PARTS, NUM_SMPL_JOINTS, Partitioner, body_model_tables
 from egohmr.coap.sampling import draw_face_samples, points_on_drawn_faces, sample_points_on_faces
 from utils.geometry import aa_to_rotmat
+from utils.tensors import autocast_is_on, full_precision, map_row_chunks
 from backbones.pointnet import ResnetPointnet
 
 LATENT_DIM = 128
 LEVEL_SET = 0.5
+# Work sizes of the networks, in points per slice (utils.tensors.map_row_chunks; the same values, cache-sized
+# activations): the part encoder's surface samples (4 parts of 1000), the query MLPs' (point, part) pairs.
+ENCODER_CHUNK_POINTS = 4096
+DECODER_CHUNK_POINTS = 2048
 
 
 class ImplicitNet(nn.Module):
@@ -92,7 +97,11 @@ def rigid_inverse(transforms: torch.Tensor) -> torch.Tensor:
 
 
 def apply_transform(transforms: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Map points ``[..., N, 3]`` by transforms ``[..., 4, 4]`` (broadcast over the leading dims)."""
+    """Map points ``[..., N, 3]`` by transforms ``[..., 4, 4]`` (broadcast over the leading dims); in fp32 under
+    autocast too (only COAP's networks follow autocast: its geometry and box tests stay exact)."""
+    if autocast_is_on(points):
+        with full_precision(points):
+            return apply_transform(transforms.float(), points.float())
     return points @ transforms[..., :3, :3].transpose(-1, -2) + transforms[..., None, :3, 3]
 
 
@@ -130,7 +139,8 @@ class COAPBodyModel(nn.Module):
         self.level_set = LEVEL_SET
         self.register_buffer('k_one_hot', torch.eye(NUM_PARTS))
         self.partitioner = Partitioner(faces, lbs_weights, parents)
-        self.encoder = ResnetPointnet(out_dim=LATENT_DIM, hidden_dim=128, block_ids=(0, 1, 3, 4), pooled_once=False)
+        self.encoder = ResnetPointnet(out_dim=LATENT_DIM, hidden_dim=128, block_ids=(0, 1, 3, 4), pooled_once=False,
+                                      chunk_points=ENCODER_CHUNK_POINTS)
         query_in = 3 + 1 + NUM_PARTS + LATENT_DIM  # local point, inside-box flag, part one-hot, part code
         self.query_encoder = ImplicitNet(query_in, LATENT_DIM, [256, 256, 256], skip_in=(2,), geometric_init=False)
         self.decoder = ImplicitNet(3 + LATENT_DIM, 1, [256] * 6, skip_in=(3,), geometric_init=True)
@@ -160,7 +170,10 @@ class COAPBodyModel(nn.Module):
         return transforms[:, self.partitioner.joint_mapper]
 
     def compute_bone_trans(self, full_pose: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
-        """``bone_trans`` ``[B, 16, 4, 4]``: posed space -> local part frame."""
+        """``bone_trans`` ``[B, 16, 4, 4]``: posed space -> local part frame (fp32 under autocast too)."""
+        if autocast_is_on(joints):
+            with full_precision(joints):
+                return self.compute_bone_trans(full_pose.float(), joints.float())
         return rigid_inverse(self.part_transforms(full_pose, joints))
 
     def part_bounds(self, vertices: torch.Tensor, bone_trans: torch.Tensor):
@@ -251,17 +264,12 @@ class COAPBodyModel(nn.Module):
         inside = ((local - code['bbox_center']).abs() < 0.5 * code['bbox_size']).all(dim=-1)   # [B,16,T]
         b_idx, k_idx, t_idx = inside.nonzero(as_tuple=True)
         local_in = local[b_idx, k_idx, t_idx]                                    # [N, 3]
-        features = torch.cat([
-            local_in,
-            torch.ones_like(local_in[:, :1]),
-            self.k_one_hot[k_idx],
-            # index_select: a bit-reproducible backward over the repeated (body, part) rows (see sparse_collision_loss)
-            code['latent_code'].flatten(0, 1).index_select(0, b_idx * NUM_PARTS + k_idx),
-        ], dim=-1)
-        hidden = self.query_encoder(features)
-        logits = self.decoder(torch.cat([local_in, hidden], dim=-1))[:, 0]
+        # index_select: a bit-reproducible backward over the repeated (body, part) rows (see sparse_collision_loss)
+        logits = self._part_logits(local_in, k_idx,
+                                   code['latent_code'].flatten(0, 1).index_select(0, b_idx * NUM_PARTS + k_idx))
         part_occupancy = local.new_zeros(batch, NUM_PARTS, num_points)
-        part_occupancy = part_occupancy.index_put((b_idx, k_idx, t_idx), torch.sigmoid(-logits))
+        part_occupancy = part_occupancy.index_put((b_idx, k_idx, t_idx),
+                                                  torch.sigmoid(-logits).to(part_occupancy.dtype))
         occupancy = part_occupancy.max(dim=1).values
         if ret_intermediate:
             return occupancy, {'part_occupancy': part_occupancy, 'all_out': ~inside.any(dim=1)}
@@ -309,7 +317,11 @@ class COAPBodyModel(nn.Module):
         return self.encoder.fc_c(grid)[body_idx, part_idx]
 
     def _part_logits(self, local_in: torch.Tensor, part_idx: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        """Decoder logits ``[N]`` of local points ``[N, 3]`` in the boxes of parts ``part_idx`` (codes ``latent``)."""
+        """Decoder logits ``[N]`` of local points ``[N, 3]`` in the boxes of parts ``part_idx`` (codes ``latent``),
+        :data:`DECODER_CHUNK_POINTS` rows at a time."""
+        return map_row_chunks(self._pair_logits, (local_in, part_idx, latent), DECODER_CHUNK_POINTS)
+
+    def _pair_logits(self, local_in: torch.Tensor, part_idx: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         features = torch.cat([local_in, torch.ones_like(local_in[:, :1]), self.k_one_hot[part_idx], latent], dim=-1)
         return self.decoder(torch.cat([local_in, self.query_encoder(features)], dim=-1))[:, 0]
 
