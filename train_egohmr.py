@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ProHMR's checkpoint.pt")
     for term, weight in DEFAULT_LOSS_WEIGHTS.items():
         p.add_argument(f'--{weight_flag(term)}', type=float, default=weight, help=f'weight of the {term} loss')
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16'],
+                   help="training forward precision: 'bf16' runs the encoders and the GCN under bfloat16 autocast "
+                        "(decode, losses and optimiser stay fp32; see benchmarks/bench_speed.py for speed and effect)")
     p.add_argument('--start_coap_epoch', type=int, default=3, help='first (0-based) epoch of the COAP loss')
     p.add_argument('--coap_checkpoint', default=None,
                    help='COAP weights (.ckpt) for the penetration loss (the original downloads them)')

@@ -2,7 +2,8 @@
 
 Two configurations are used, with parameter names fixed by the released checkpoints:
 
-* scene encoder (both stages): ``ResnetPointnet(out_dim=512, hidden_dim=256, pos_layer_name='fc_pos_0')``
+* scene encoder (both stages): ``ResnetPointnet(out_dim=512, hidden_dim=256, pos_layer_name='fc_pos_0',
+  slice_points=SCENE_SLICE_POINTS)``
   with blocks 0-3;
 * COAP part encoder: ``ResnetPointnet(out_dim=128, hidden_dim=128, block_ids=(0, 1, 3, 4))`` (no ``block_2``).
 """
@@ -15,6 +16,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.tensors import map_row_chunks
+
+# Points per slice (all clouds together) of the scene encoders' evaluation without gradients (best measured on a
+# 2-core CPU: 1.9x faster at 2 x 20000 points).
+SCENE_SLICE_POINTS = 8192
+
+
+def max_over_points(net: torch.Tensor) -> torch.Tensor:
+    """``net.max(dim=1, keepdim=True)[0]`` as ``amax``: the same values, ~20x faster on the CPU (no argmax kept).
+
+    The backward is the same too, bit for bit, wherever a channel's maximum is taken by one point (``max`` sends the
+    gradient to its index, ``amax`` to the points equal to the max, divided by their number, 1); where duplicated
+    points tie, ``amax`` shares the gradient among the copies and ``max`` gives it to one of them, which is the same
+    gradient for every weight (the copies have the same Jacobians) -- the points themselves need none.
+    """
+    return net.amax(dim=1, keepdim=True)
 
 
 class ResnetBlockFC(nn.Module):
@@ -59,15 +75,20 @@ class ResnetPointnet(nn.Module):
     ``chunk_points``: encode the batch a few clouds at a time, about this many points per slice (at least one
     cloud), so that the per-point activations stay in the CPU cache; the clouds are independent, so the values are
     the same. None: the whole batch at once.
+
+    ``slice_points``: without gradients, a batch of clouds of more points than this (a scene's 20000) is encoded in
+    slices of about this many points, the same points of every cloud (:meth:`_pooled_features_in_slices`; the same
+    values). None, or with gradients: in one piece.
     """
 
     def __init__(self, out_dim: int = 512, hidden_dim: int = 256, dim: int = 3,
                  block_ids: Sequence[int] = (0, 1, 2, 3), pos_layer_name: str = 'fc_pos', pooled_once: bool = True,
-                 chunk_points: Optional[int] = None):
+                 chunk_points: Optional[int] = None, slice_points: Optional[int] = None):
         super().__init__()
         self.block_ids = tuple(block_ids)
         self.pooled_once = pooled_once
         self.chunk_points = chunk_points
+        self.slice_points = slice_points
         self.pos_layer_name = pos_layer_name
         self.add_module(pos_layer_name, nn.Linear(dim, 2 * hidden_dim))
         for i in self.block_ids:
@@ -80,19 +101,46 @@ class ResnetPointnet(nn.Module):
 
     def pooled_features(self, points: torch.Tensor) -> torch.Tensor:
         """The global feature before the output layer: ``relu(max over points)`` ``[B, hidden_dim]``."""
+        # Without gradients only: autograd would sum the weight gradients slice by slice (other float rounding).
+        if self.slice_points is not None and points.shape[1] > self.slice_points and not torch.is_grad_enabled():
+            return self._pooled_features_in_slices(points)
         if self.chunk_points is None:
             return self._pooled_features(points)
         return map_row_chunks(self._pooled_features, (points,), max(1, self.chunk_points // max(1, points.shape[1])))
 
+    def _block_input(self, k: int, net: torch.Tensor, pooled: Optional[torch.Tensor]):
+        """Block ``k``'s call on the previous features ``net`` and the previous max ``pooled`` (None before block 0)."""
+        block = getattr(self, f'block_{self.block_ids[k]}')
+        if pooled is None:
+            return block(net)
+        if self.pooled_once:
+            return block.forward_pooled(net, pooled)
+        return block(torch.cat([net, pooled.expand(-1, net.shape[1], -1)], dim=2))
+
     def _pooled_features(self, points: torch.Tensor) -> torch.Tensor:
         net = getattr(self, self.pos_layer_name)(points)
-        last = len(self.block_ids) - 1
         pooled = None
-        for k, i in enumerate(self.block_ids):
-            block = getattr(self, f'block_{i}')
-            net = block(net) if pooled is None else block.forward_pooled(net, pooled)
-            if k < last:
-                pooled = net.max(dim=1, keepdim=True)[0]
-                if not self.pooled_once:
-                    net, pooled = torch.cat([net, pooled.expand_as(net)], dim=2), None
-        return self.actvn(net.max(dim=1)[0])
+        for k in range(len(self.block_ids)):
+            net = self._block_input(k, net, pooled)
+            pooled = max_over_points(net)
+        return self.actvn(pooled[:, 0])
+
+    def _pooled_features_in_slices(self, points: torch.Tensor) -> torch.Tensor:
+        """:meth:`_pooled_features` with every block run on ``slice_points`` points at a time: the per-point layers
+        treat points independently and the max over points is the max of the slices' maxima, so the values are the
+        same while each slice's activations stay in the cache (the blocks' outputs are kept between blocks). A slice
+        holds the same points of every cloud, so the per-cloud max projections see the batch they see unsliced."""
+        step = max(1, self.slice_points // points.shape[0])
+        net, pooled = points, None
+        for k in range(len(self.block_ids)):
+            outs, maxima = [], []
+            for start in range(0, points.shape[1], step):
+                piece = net[:, start:start + step]
+                if k == 0:
+                    piece = getattr(self, self.pos_layer_name)(piece)
+                out = self._block_input(k, piece, pooled)
+                maxima.append(max_over_points(out))
+                outs.append(out)
+            pooled = max_over_points(torch.cat(maxima, dim=1))
+            net = torch.cat(outs, dim=1) if k < len(self.block_ids) - 1 else None
+        return self.actvn(pooled[:, 0])

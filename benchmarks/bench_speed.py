@@ -11,10 +11,11 @@ eval forward, beside a matmul floor measured in the same run.
   ``speedup_over_reference`` is a same-run ratio.
 * ``guided_step``: one guidance gradient of ``S x F`` bodies posed with the frames' GT pose (+ small noise), lowered
   ``--lower_m`` into the scene (thousands of scene points in each body box, as with a trained model), sparse versus
-  dense, with the COAP weights of ``--coap_weights``.
+  dense, with the COAP weights of ``--coap_weights``; with bf16 also under autocast (COAP's networks in bf16), its
+  cosine and largest difference against the fp32 gradient.
 * ``ddim5``: the same call with DDIM-5 and no guidance.
 * ``training_step``: one ``egohmr.trainer.train_step`` at ``--train_batch`` with the COAP penetration loss off
-  (epoch 0) and on (epoch 3).
+  (epoch 0) and on (epoch 3), in every ``--precision``.
 * ``stage1_eval_forward``: ``ProHMRScene.forward_step`` (eval, the config's test sample count) at ``--stage1_batch``.
 
 With ``--precision fp32 bf16`` the sampling figures also run under autocast (``sample_poses(precision='bf16')``)
@@ -208,6 +209,18 @@ def guided_step(model, batch, args, device) -> dict:
             with dense_reference() if name == 'reference' else contextlib.nullcontext():
                 grads[name] = guidance.gradient(x, out, chain)
         figure[f'{name}_s'] = common.time_call(run, device, args.repeats, args.warmup)['mean_s']
+    if 'bf16' in args.precision:
+        from egohmr.evaluate import sampling_precision
+
+        def run_bf16():
+            with sampling_precision('bf16', device):
+                grads['bf16'] = guidance.gradient(x, out, chain)
+        figure['bf16_s'] = common.time_call(run_bf16, device, args.repeats, args.warmup)['mean_s']
+        figure['bf16_speedup_over_fp32'] = figure['sparse_s'] / figure['bf16_s']
+        if grads['bf16'] is not None and grads['sparse'] is not None:
+            a, b = grads['sparse'].flatten(), grads['bf16'].flatten()
+            figure['bf16_gradient_cosine'] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+            figure['bf16_max_rel_gradient_diff'] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
     if 'reference' in grads:
         figure['speedup_over_reference'] = figure['reference_s'] / figure['sparse_s']
         if grads['reference'] is not None and grads['sparse'] is not None:
@@ -219,13 +232,15 @@ def guided_step(model, batch, args, device) -> dict:
 def training_figures(world, cfg, args, device) -> dict:
     from bench_training import stage2_step
     results = {}
-    for epoch, name in ((0, 'coap_off'), (3, 'coap_on')):
-        step_args = type(args)(**vars(args))
-        step_args.batch_size, step_args.stage2_epoch = args.train_batch, epoch
-        step, info = stage2_step(world, cfg, step_args, device)
-        common.log(f'training step, batch {args.train_batch}, {name}')
-        timing = common.time_call(step, device, args.repeats, args.warmup)
-        results[f'training_step/{name}'] = {'s_per_it': timing['mean_s'], 'batch': args.train_batch, **info}
+    for precision in args.precision:
+        for epoch, name in ((0, 'coap_off'), (3, 'coap_on')):
+            step_args = type(args)(**vars(args))
+            step_args.batch_size, step_args.stage2_epoch, step_args.train_precision = args.train_batch, epoch, precision
+            step, info = stage2_step(world, cfg, step_args, device)
+            common.log(f'training step, batch {args.train_batch}, {name} ({precision})')
+            timing = common.time_call(step, device, args.repeats, args.warmup)
+            key = f'training_step/{name}' + ('' if precision == 'fp32' else f'/{precision}')
+            results[key] = {'s_per_it': timing['mean_s'], 'batch': args.train_batch, 'precision': precision, **info}
     return results
 
 

@@ -82,7 +82,8 @@ def stage2_step(world, cfg, args, device):
         and args.stage2_epoch >= model.start_coap_epoch
 
     def step():
-        trainer.train_step(model, diffusion, sampler, dict(batch), optimizer, args.stage2_epoch)
+        trainer.train_step(model, diffusion, sampler, dict(batch), optimizer, args.stage2_epoch,
+                           getattr(args, 'train_precision', 'fp32'))
 
     return step, {'epoch': args.stage2_epoch, 'coap_penetration_loss': bool(coap_loss),
                   'scene_type': flags.scene_type}

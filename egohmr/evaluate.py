@@ -14,7 +14,6 @@ variants are reported under other names (``apd_joints_standard``, ``pa_mpjpe_vis
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable, Dict, List, Optional
 
@@ -27,14 +26,13 @@ from egohmr.guidance import ROW_STREAMS_KEY, SAMPLES_IN_CHAIN_KEY, CollisionGuid
 from egohmr.model import POSE_ONLY_KEY
 from egohmr.visibility import in_image_mask
 from utils.frame_rng import RowStreams, frame_indices
-from utils.tensors import full_precision, to_numpy
+from utils.tensors import full_precision, precision_context, to_numpy
 from utils.metrics import masked_procrustes, similarity_procrustes
 
 MM = 1000.0
 CONTACT_SQ_THRESHOLD = 0.02        # the original compares a SQUARED distance (m^2) with 0.02 (~14 cm)
 CONTACT_EUCLID_THRESHOLD = 0.02    # corrected variant: 2 cm Euclidean
 SAMPLING_METHODS = ('ddpm', 'ddim')
-PRECISIONS = ('fp32', 'bf16')
 # The arrays of the results pickle (``results_seed_<seed>.pkl``), one row per frame.
 RESULT_KEYS = ('pred_betas_list', 'pred_global_orient_list', 'pred_body_pose_list', 'collision_ratio_list',
                'contact_ratio_list', 'pred_cam_full_list', 'gt_cam_full_list')
@@ -57,12 +55,8 @@ def sampling_batch(batch: Dict, condition: Dict[str, torch.Tensor], times: int) 
 
 
 def sampling_precision(precision: str, device: torch.device):
-    """``'fp32'``: no change; ``'bf16'``: autocast to bfloat16 on the device (CPU: AVX512-BF16 where present)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == 'fp32':
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    """``'fp32'``: no change; ``'bf16'``: bf16 autocast on the device (:func:`utils.tensors.precision_context`)."""
+    return precision_context(precision, device)
 
 
 def untile(x: torch.Tensor, times: int) -> torch.Tensor:

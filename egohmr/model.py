@@ -28,7 +28,7 @@ from utils.body_model import NUM_SMPL_JOINTS, create_smpl, resolve_data_path
 from utils.camera import IMAGE_CENTER, camera_features, normalise_full_image_points
 from utils.geometry import aa_to_rotmat, perspective_projection, rot6d_to_rotmat, rotmat_to_rot6d
 from utils.tensors import autocast_is_on, full_precision
-from backbones.pointnet import ResnetPointnet
+from backbones.pointnet import SCENE_SLICE_POINTS, ResnetPointnet
 
 BODY_REP_DIM = 6 * NUM_SMPL_JOINTS   # 144
 IMG_FEAT_DIM = 2048
@@ -115,7 +115,8 @@ class EgoHMR(nn.Module):
         self.sequence_pos_encoder = PositionalEncoding(TIMESTEP_EMBED_DIM, dropout=0.1)
         self.embed_timestep = TimestepEmbedder(TIMESTEP_EMBED_DIM, self.sequence_pos_encoder)
         self.backbone = resnet50_backbone()
-        self.scene_enc = ResnetPointnet(out_dim=scene_feat_dim, hidden_dim=256, pos_layer_name='fc_pos_0')
+        self.scene_enc = ResnetPointnet(out_dim=scene_feat_dim, hidden_dim=256, pos_layer_name='fc_pos_0',
+                                        slice_points=SCENE_SLICE_POINTS)
         self.transl_enc = TranslEncoder(3, TRANSL_FEAT_DIM)
         self.cam_feat_dim = 2 * with_cam_center + 3 * with_bbox_info + 1 * with_focal_length
         self.cond_dim = IMG_FEAT_DIM + scene_feat_dim + TRANSL_FEAT_DIM + self.cam_feat_dim   # 2694

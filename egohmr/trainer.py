@@ -20,6 +20,7 @@ from egohmr.checkpoints import load_backbone_from_prohmr
 from egohmr.model import EgoHMR
 from utils import distributed
 from utils.io import DataError
+from utils.tensors import precision_context
 from utils.run import (check_finite_losses, check_run_paths, get_logger, log_scalars, open_run_dir,
                        open_summary_writer, prepare_run, recursive_to, run_training_loop)
 from utils.run_state import RunRecord, choose_data_seed, preserved_rng, resume_request, run_config, training_loaders
@@ -72,14 +73,18 @@ def build_datasets(args, cfg, run_dir: Optional[str]):
 
 
 def train_step(model: EgoHMR, diffusion, sampler: UniformSampler, batch: Dict, optimizer,
-               epoch: int) -> Dict[str, float]:
-    """One optimisation step on ``batch``; returns the loss terms as floats."""
+               epoch: int, precision: str = 'fp32') -> Dict[str, float]:
+    """One optimisation step on ``batch``; returns the loss terms as floats.
+
+    ``precision='bf16'`` (``--precision``): the forward (encoders, GCN) under bf16 autocast; the decode to SMPL,
+    the losses (COAP's included) and the optimiser in fp32."""
     model.train()
     bs = batch['img'].shape[0]
     t, _ = sampler.sample(bs, batch['img'].device)
     x_start = model.x_start_from_smpl_params(batch['smpl_params'])
     x_t = diffusion.q_sample(x_start, t, noise=torch.randn_like(x_start))
-    output = model(batch, t, x_t=x_t)
+    with precision_context(precision, x_t.device):
+        output = model(batch, t, x_t=x_t)
     loss = model.compute_loss(batch, output, cur_epoch=epoch)
     check_finite_losses({'loss': loss, **output['losses']})
     optimizer.zero_grad()
@@ -186,7 +191,8 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
             run_validation(0, 0, count_as_best=False)
 
     def step_fn(batch: Dict, epoch: int) -> Dict[str, float]:
-        return train_step(model, diffusion_train, sampler, recursive_to(batch, device), optimizer, epoch)
+        return train_step(model, diffusion_train, sampler, recursive_to(batch, device), optimizer, epoch,
+                          getattr(args, 'precision', 'fp32'))
 
     step = run_training_loop(args, train_loader, train_sampler, step_fn, run_validation, record, writer, logger,
                              format_losses, validated_at_start=args.val_at_start and resumed is None)

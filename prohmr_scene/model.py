@@ -23,7 +23,7 @@ from prohmr_scene.heads import SMPLFlowHead
 from utils.body_model import NUM_SMPL_JOINTS, SMPL_TO_OPENPOSE, create_smpl, resolve_data_path
 from utils.camera import IMAGE_CENTER, camera_features, normalise_full_image_points
 from utils.geometry import aa_to_rotmat, convert_pare_to_full_img_cam, perspective_projection, rotmat_to_rot6d
-from backbones.pointnet import ResnetPointnet
+from backbones.pointnet import SCENE_SLICE_POINTS, ResnetPointnet
 
 PELVIS = 0
 
@@ -69,7 +69,8 @@ class ProHMRScene(nn.Module):
                                  num_layers=int(flow_cfg.NUM_LAYERS),
                                  num_blocks_per_layer=int(flow_cfg.LAYER_DEPTH),
                                  fc_hidden=int(cfg.MODEL.FC_HEAD.NUM_FEATURES))
-        self.scene_enc = ResnetPointnet(out_dim=scene_feat_dim, hidden_dim=256, pos_layer_name='fc_pos_0')
+        self.scene_enc = ResnetPointnet(out_dim=scene_feat_dim, hidden_dim=256, pos_layer_name='fc_pos_0',
+                                        slice_points=SCENE_SLICE_POINTS)
         self.discriminator = Discriminator()
         self.smpl = create_smpl(data_dir, 'neutral')
         self.smpl_male = create_smpl(data_dir, 'male')

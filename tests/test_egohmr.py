@@ -546,3 +546,40 @@ def test_samples_of_a_frame_do_not_depend_on_its_batch(model):
     assert not torch.allclose(whole['rotmats'][:, 0], whole['rotmats'][:, 1], atol=1e-6)   # two streams, two samples
     with pytest.raises(ValueError, match="frame_index"):
         sample_poses(model, diffusion, _rows(batch, slice(0, 1)) | {'frame_index': None}, 1, 'ddim', sample_seed=0)
+
+
+def test_bf16_training_step_tracks_the_fp32_step(model):
+    """``train_step(precision='bf16')``: the forward under bf16 autocast (decode, losses and optimiser in fp32) gives
+    the fp32 step's loss terms to within bf16 rounding, finite fp32 gradients and an update of every weight."""
+    import copy
+
+    from diffusion import UniformSampler, create_gaussian_diffusion
+    from egohmr.trainer import train_step
+
+    batch = random_batch(seed=9)
+    bs = 2
+    batch.update(keypoints_3d=torch.randn(bs, 24, 3) * 0.3, keypoints_3d_full=torch.randn(bs, 24, 3) * 0.3 + 3,
+                 gender=torch.tensor([0, 1]))
+    batch['smpl_params'].update(global_orient=torch.randn(bs, 3) * 0.3, body_pose=torch.randn(bs, 69) * 0.2,
+                                betas=torch.randn(bs, 10) * 0.5)
+    diffusion = create_gaussian_diffusion(50, '')
+    runs = {}
+    for precision in ('fp32', 'bf16'):
+        net = copy.deepcopy(model)
+        before = {k: v.clone() for k, v in net.named_parameters() if v.requires_grad}
+        optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+        torch.manual_seed(17)
+        np.random.seed(17)                                          # UniformSampler draws t with numpy
+        losses = train_step(net, diffusion, UniformSampler(diffusion), dict(batch), optimizer, 0, precision)
+        grads = [p.grad for p in net.parameters() if p.requires_grad and p.grad is not None]
+        assert grads and all(g.dtype == torch.float32 and bool(torch.isfinite(g).all()) for g in grads)
+        moved = [k for k, v in net.named_parameters() if v.requires_grad and not torch.equal(v, before[k])]
+        runs[precision] = (losses, len(moved))
+    (fp32, moved32), (bf16, moved16) = runs['fp32'], runs['bf16']
+    assert sorted(fp32) == sorted(bf16) and moved16 == moved32 > 0
+    assert fp32 != bf16                                              # bf16 did run
+    for key, value in fp32.items():
+        assert abs(bf16[key] - value) <= 0.05 * abs(value) + 1e-6, key
+    with pytest.raises(ValueError, match='--precision'):
+        train_step(copy.deepcopy(model), diffusion, UniformSampler(diffusion), dict(batch),
+                   torch.optim.AdamW(model.parameters(), lr=0.0), 0, 'fp16')

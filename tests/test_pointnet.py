@@ -67,3 +67,38 @@ def test_concatenating_encoder_keeps_the_original_layers():
     with torch.no_grad():
         assert torch.equal(model(points), expected)
     torch.testing.assert_close(model(points), concatenation_reference(model, points), rtol=1e-5, atol=1e-6)
+
+
+def test_sliced_scene_encoding_equals_one_piece():
+    """Clouds larger than ``slice_points``, without gradients: slices of points of every cloud, the same bits; with
+    gradients the encoder runs in one piece (the same graph as without slicing)."""
+    torch.manual_seed(3)
+    model = randomised(ResnetPointnet(out_dim=16, hidden_dim=64, pos_layer_name='fc_pos_0'))
+    points = torch.randn(3, 3000, 3)
+    with torch.no_grad():
+        whole = model(points)
+        model.slice_points = 2048                     # 682 points of each of the 3 clouds a slice
+        sliced = model(points)
+    assert torch.equal(sliced, whole)
+    calls = []
+    model._pooled_features_in_slices = lambda x: calls.append(x) or torch.zeros(x.shape[0], 64)
+    with torch.no_grad():
+        model(points[:, :2000])                       # small clouds: one piece
+    torch.testing.assert_close(model(points), whole, rtol=0, atol=0)   # gradients on: one piece
+    assert not calls
+    with torch.no_grad():
+        model(points)
+    assert len(calls) == 1
+
+
+def test_chunked_clouds_equal_one_piece_with_gradients():
+    """``chunk_points`` (COAP's part encoder): a few clouds at a time, values and input gradients the same bits."""
+    torch.manual_seed(4)
+    model = randomised(ResnetPointnet(out_dim=8, hidden_dim=32, block_ids=(0, 1, 3, 4), pooled_once=False))
+    points = torch.randn(7, 1000, 3, requires_grad=True)
+    results = []
+    for chunk in (None, 3000):                        # 3 clouds a slice: 3, 3, 1
+        model.chunk_points = chunk
+        out = model(points)
+        results.append((out, torch.autograd.grad(out.square().sum(), points)[0]))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -1,6 +1,8 @@
 """Tensor helpers: arrays, row chunks, fp32 regions under autocast."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -36,3 +38,17 @@ def full_precision(x: torch.Tensor):
 def autocast_is_on(x: torch.Tensor) -> bool:
     """Whether autocast is enabled for ``x``'s device type."""
     return torch.is_autocast_enabled(x.device.type)
+
+
+PRECISIONS = ('fp32', 'bf16')
+
+
+def precision_context(precision: str, device):
+    """``'fp32'``: no change; ``'bf16'``: autocast to bfloat16 on ``device`` (CPU: AVX512-BF16 kernels where present;
+    no loss scaling is needed, bf16 has fp32's range). The precision-critical pieces keep fp32 themselves
+    (:func:`full_precision`)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == 'fp32':
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
