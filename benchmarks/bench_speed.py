@@ -12,7 +12,8 @@ eval forward, beside a matmul floor measured in the same run.
 * ``guided_step``: one guidance gradient of ``S x F`` bodies posed with the frames' GT pose (+ small noise), lowered
   ``--lower_m`` into the scene (thousands of scene points in each body box, as with a trained model), sparse versus
   dense, with the COAP weights of ``--coap_weights``; with bf16 also under autocast (COAP's networks in bf16), its
-  cosine and largest difference against the fp32 gradient.
+  cosine and largest difference against the fp32 gradient, beside the cosine of two fp32 gradients whose COAP
+  surface samples come from different seeds (the method's own variability).
 * ``ddim5``: the same call with DDIM-5 and no guidance.
 * ``training_step``: one ``egohmr.trainer.train_step`` at ``--train_batch`` with the COAP penetration loss off
   (epoch 0) and on (epoch 3), in every ``--precision``.
@@ -221,6 +222,12 @@ def guided_step(model, batch, args, device) -> dict:
             a, b = grads['sparse'].flatten(), grads['bf16'].flatten()
             figure['bf16_gradient_cosine'] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
             figure['bf16_max_rel_gradient_diff'] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+            # For scale: COAP draws new surface samples at every call, so fp32 itself moves the gradient this much
+            # when those samples come from another seed.
+            reseeded = CollisionGuidance(model, model.coap, GUIDANCE_WEIGHT, seed=1).gradient(x, out, chain)
+            if reseeded is not None:
+                figure['fp32_reseeded_gradient_cosine'] = float(torch.nn.functional.cosine_similarity(
+                    a, reseeded.flatten(), dim=0))
     if 'reference' in grads:
         figure['speedup_over_reference'] = figure['reference_s'] / figure['sparse_s']
         if grads['reference'] is not None and grads['sparse'] is not None:
