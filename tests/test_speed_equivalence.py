@@ -329,3 +329,17 @@ def test_bf16_guided_sampling_moves_joints_by_far_less_than_half_a_millimetre(mo
     assert 0 < change_mm < 0.5
     assert abs(runs['fp32']['collision_ratio'] - runs['bf16']['collision_ratio']).max() <= 0.05 * max(
         runs['fp32']['collision_ratio'].max(), 1e-3)
+
+
+def test_bf16_softplus_clamps_only_the_negligible_tail(model):
+    """COAP's Softplus(beta=100) under autocast: fp32, equal to Softplus wherever beta*x >= -15, and within 3.1e-9
+    below (where it clamps); outside autocast it is Softplus itself."""
+    net = model.coap.decoder
+    x = torch.linspace(-1.0, 0.5, 200001)
+    exact = net.activation(x)
+    assert torch.equal(net.activate(x), exact)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        fast = net.activate(x)
+    keep = 100.0 * x >= -15.0
+    assert fast.dtype == torch.float32 and torch.equal(fast[keep], exact[keep]) and (~keep).sum() > 1000
+    assert float((fast - exact).abs().max()) <= 3.1e-9

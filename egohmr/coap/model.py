@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from egohmr.coap.partition import NUM_PARTS, NUM_SMPL_JOINTS, Partitioner, body_model_tables
 from egohmr.coap.sampling import draw_face_samples, points_on_drawn_faces, sample_points_on_faces
@@ -27,6 +28,8 @@ LEVEL_SET = 0.5
 # activations): the part encoder's surface samples (4 parts of 1000), the query MLPs' (point, part) pairs.
 ENCODER_CHUNK_POINTS = 4096
 DECODER_CHUNK_POINTS = 2048
+# bf16 runs: Softplus inputs below this / beta are clamped there (ImplicitNet.activate).
+SOFTPLUS_TAIL = -15.0
 
 
 class ImplicitNet(nn.Module):
@@ -82,8 +85,19 @@ class ImplicitNet(nn.Module):
                 x = torch.cat([x, inputs], dim=-1) / math.sqrt(2.0)
             x = getattr(self, f'lin{i}')(x)
             if i < self.num_linear - 1:
-                x = self.activation(x)
+                x = self.activate(x)
         return x
+
+    def activate(self, x: torch.Tensor) -> torch.Tensor:
+        """Softplus(beta). Under autocast (a bf16 run) in fp32 with the far negative tail clamped: below
+        ``beta * x = -15`` the output, under 3.1e-7 / beta (3.1e-9 for COAP's beta = 100), takes its value at -15,
+        because the CPU's log1p of those tiny exponentials takes a slow path (8x the layer's time measured). fp32
+        runs use Softplus as it is."""
+        if autocast_is_on(x):
+            beta = self.activation.beta
+            return F.softplus(x.float().clamp_min(SOFTPLUS_TAIL / beta), beta=beta,
+                              threshold=self.activation.threshold)
+        return self.activation(x)
 
 
 def rigid_inverse(transforms: torch.Tensor) -> torch.Tensor:
