@@ -78,7 +78,7 @@ class ResnetPointnet(nn.Module):
 
     ``slice_points``: without gradients, a batch of clouds of more points than this (a scene's 20000) is encoded in
     slices of about this many points, the same points of every cloud (:meth:`_pooled_features_in_slices`; the same
-    values). None, or with gradients: in one piece.
+    values). None, with gradients, or off the CPU: in one piece.
     """
 
     def __init__(self, out_dim: int = 512, hidden_dim: int = 256, dim: int = 3,
@@ -101,8 +101,10 @@ class ResnetPointnet(nn.Module):
 
     def pooled_features(self, points: torch.Tensor) -> torch.Tensor:
         """The global feature before the output layer: ``relu(max over points)`` ``[B, hidden_dim]``."""
-        # Without gradients only: autograd would sum the weight gradients slice by slice (other float rounding).
-        if self.slice_points is not None and points.shape[1] > self.slice_points and not torch.is_grad_enabled():
+        # Without gradients only: autograd would sum the weight gradients slice by slice (other float rounding). On the
+        # CPU only, as the clouds' chunks (utils.tensors.map_row_chunks): it is about the CPU's cache.
+        if (self.slice_points is not None and points.shape[1] > self.slice_points and not torch.is_grad_enabled()
+                and points.device.type == 'cpu'):
             return self._pooled_features_in_slices(points)
         if self.chunk_points is None:
             return self._pooled_features(points)

@@ -314,13 +314,18 @@ def test_loss_terms_by_hand():
     assert pose_6d_ortho_loss(2 * rotmat_to_rot6d(rot, 'diffusion')).item() == pytest.approx(4.5)
 
 
-def test_compute_loss_train_and_eval(model):
-    batch = random_batch(seed=4)
-    bs = 2
+def batch_with_gt(seed, bs=2):
+    """:func:`random_batch` with the GT fields the losses read (GT joints, gender, axis-angle SMPL parameters)."""
+    batch = random_batch(bs=bs, seed=seed)
     batch.update(keypoints_3d=torch.randn(bs, 24, 3) * 0.3, keypoints_3d_full=torch.randn(bs, 24, 3) * 0.3 + 3,
-                 gender=torch.tensor([0, 1]))
+                 gender=torch.tensor([0, 1] * (bs // 2) + [0] * (bs % 2)))
     batch['smpl_params'].update(global_orient=torch.randn(bs, 3) * 0.3, body_pose=torch.randn(bs, 69) * 0.2,
                                 betas=torch.randn(bs, 10) * 0.5)
+    return batch
+
+
+def test_compute_loss_train_and_eval(model):
+    batch = batch_with_gt(seed=4)
     with torch.no_grad():
         out = model(batch, torch.tensor([3, 7]))
         loss = model.compute_loss(batch, out)
@@ -556,12 +561,7 @@ def test_bf16_training_step_tracks_the_fp32_step(model):
     from diffusion import UniformSampler, create_gaussian_diffusion
     from egohmr.trainer import train_step
 
-    batch = random_batch(seed=9)
-    bs = 2
-    batch.update(keypoints_3d=torch.randn(bs, 24, 3) * 0.3, keypoints_3d_full=torch.randn(bs, 24, 3) * 0.3 + 3,
-                 gender=torch.tensor([0, 1]))
-    batch['smpl_params'].update(global_orient=torch.randn(bs, 3) * 0.3, body_pose=torch.randn(bs, 69) * 0.2,
-                                betas=torch.randn(bs, 10) * 0.5)
+    batch = batch_with_gt(seed=9)
     diffusion = create_gaussian_diffusion(50, '')
     runs = {}
     for precision in ('fp32', 'bf16'):
