@@ -133,16 +133,20 @@ class ResnetPointnet(nn.Module):
         same while each slice's activations stay in the cache (the blocks' outputs are kept between blocks). A slice
         holds the same points of every cloud, so the per-cloud max projections see the batch they see unsliced."""
         step = max(1, self.slice_points // points.shape[0])
+        last = len(self.block_ids) - 1
         net, pooled = points, None
         for k in range(len(self.block_ids)):
-            outs, maxima = [], []
+            nxt, maxima = None, []
             for start in range(0, points.shape[1], step):
                 piece = net[:, start:start + step]
                 if k == 0:
                     piece = getattr(self, self.pos_layer_name)(piece)
                 out = self._block_input(k, piece, pooled)
                 maxima.append(max_over_points(out))
-                outs.append(out)
+                if k < last:                       # kept for the next block, written in place (no gradients here)
+                    if nxt is None:
+                        nxt = out.new_empty(points.shape[0], points.shape[1], out.shape[-1])
+                    nxt[:, start:start + step] = out
             pooled = max_over_points(torch.cat(maxima, dim=1))
-            net = torch.cat(outs, dim=1) if k < len(self.block_ids) - 1 else None
+            net = nxt
         return self.actvn(pooled[:, 0])

@@ -167,7 +167,7 @@ def guidance_batch(model, bs=2, num_points=4000, seed=3):
 
 
 def test_guidance_gradients_along_a_guided_chain_equal_the_dense_reference(model, monkeypatch):
-    """Every guided step of a ddpm-10 chain (w = 2, guidance on all steps): the sparse gradient at the step's input
+    """Every guided step of a ddpm-6 chain (w = 2, guidance on all steps): the sparse gradient at the step's input
     equals the dense one up to float rounding, and the collision ratio of the result is the same.
 
     (Whole guided chains are not compared: with random weights a chain amplifies any rounding change of a gradient,
@@ -184,7 +184,7 @@ def test_guidance_gradients_along_a_guided_chain_equal_the_dense_reference(model
     states = []
     guidance = Recording(model, model.coap, weight=2.0)
     torch.manual_seed(11)
-    samples = sample_poses(model, create_gaussian_diffusion(10, ''), guidance_batch(model), 2, 'ddpm',
+    samples = sample_poses(model, create_gaussian_diffusion(6, ''), guidance_batch(model), 2, 'ddpm',
                            guidance=guidance)
     plain = CollisionGuidance(model, model.coap, weight=2.0)
     compared = 0
