@@ -382,8 +382,8 @@ class EgoHMR(nn.Module):
         autocast too (SMPL's skinning in bf16 would move vertices by millimetres)."""
         if autocast_is_on(pred_x_start):
             with full_precision(pred_x_start):
-                return self.decode(pred_x_start.float(), {k: v.float() if v.is_floating_point() else v
-                                                          for k, v in cond.items()}, batch)
+                return self.decode(pred_x_start.float(), {k: v.float() if torch.is_tensor(v) and v.is_floating_point()
+                                                          else v for k, v in cond.items()}, batch)
         bs = pred_x_start.shape[0]
         pose_6d = self.denormalize_pose(pred_x_start)
         rotmats = rot6d_to_rotmat(pose_6d, mode='diffusion').reshape(bs, NUM_SMPL_JOINTS, 3, 3)
