@@ -38,11 +38,12 @@ def _free_port() -> int:
 
 
 def screenshot(url: str, path: str) -> np.ndarray:
-    """RGB screenshot ``[H, W, 3]`` of ``url`` taken by headless Chromium with software WebGL."""
+    """RGB screenshot ``[H, W, 3]`` of ``url`` taken by headless Chromium with software WebGL (10 s of virtual time:
+    with 6 s the samples were once caught half-drawn while other renders loaded the 2 cores)."""
     import cv2
     cmd = [_browser(), '--headless=new', '--no-sandbox', '--disable-gpu-sandbox', '--use-angle=swiftshader',
            '--enable-unsafe-swiftshader', '--hide-scrollbars', f'--window-size={WINDOW[0]},{WINDOW[1]}',
-           '--virtual-time-budget=6000', f'--screenshot={path}', url]
+           '--virtual-time-budget=10000', f'--screenshot={path}', url]
     subprocess.run(cmd, check=True, timeout=BROWSER_TIMEOUT_S, capture_output=True,
                    env=dict(os.environ, HOME=os.path.dirname(path)))
     return cv2.imread(path)[:, :, ::-1]
