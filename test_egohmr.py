@@ -26,6 +26,7 @@ from utils.cli import (add_data_flags, add_scene_and_camera_flags, add_test_flag
 from utils.checks import output_dir_error
 from utils.run import str2bool
 from utils.shards import add_shard_flags, share_flags_error
+from utils.tensors import PRECISIONS
 
 STAGE = 'egohmr'
 # Flags every share of a split must have been run with.
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="COAP weights (.ckpt); default: the stage-2 checkpoint's smpl.coap.* entries")
     p.add_argument('--samples_per_chain', type=int, default=0,
                    help='at most this many samples per reverse chain (0: all --num_samples at once)')
-    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16'],
+    p.add_argument('--precision', default='fp32', choices=PRECISIONS,
                    help='sampling precision (bf16: autocast; see benchmarks/bench_speed.py for its effect)')
     p.add_argument('--save_pred_transl', default=None,
                    help='accepted for README compatibility and ignored (stage-2 test has no such output)')

@@ -17,6 +17,7 @@ from egohmr.trainer import weight_flag
 from utils.cli import (add_data_flags, add_scene_and_camera_flags, add_training_flags, new_parser,
                        positive_flags_error, run_training)
 from utils.run import str2bool
+from utils.tensors import PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ProHMR's checkpoint.pt")
     for term, weight in DEFAULT_LOSS_WEIGHTS.items():
         p.add_argument(f'--{weight_flag(term)}', type=float, default=weight, help=f'weight of the {term} loss')
-    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16'],
+    p.add_argument('--precision', default='fp32', choices=PRECISIONS,
                    help="training forward precision: 'bf16' runs the encoders and the GCN under bfloat16 autocast "
                         "(decode, losses and optimiser stay fp32; see benchmarks/bench_speed.py for speed and effect)")
     p.add_argument('--start_coap_epoch', type=int, default=3, help='first (0-based) epoch of the COAP loss')

@@ -36,6 +36,8 @@ from make_bench_world import egobody_dataset, frame_batch, start_benchmark, with
 
 import torch  # noqa: E402
 
+from utils.tensors import PRECISIONS  # noqa: E402
+
 GUIDANCE_WEIGHT = 2.0
 HIDDEN = 1024
 COAP_WEIGHTS = os.path.join(common.ROOT, 'tests', 'assets', 'coap_synthetic_neutral.ckpt')
@@ -53,7 +55,7 @@ def build_parser():
     parser.add_argument('--stage1_batch', type=common.positive_int, default=2)
     parser.add_argument('--skip', nargs='*', default=[], choices=SECTIONS + ('reference',),
                         help="sections to leave out ('reference': the dense runs)")
-    parser.add_argument('--precision', nargs='+', default=['fp32'], choices=['fp32', 'bf16'],
+    parser.add_argument('--precision', nargs='+', default=['fp32'], choices=PRECISIONS,
                         help='sampling precisions to time (bf16: CPU/CUDA autocast)')
     return parser
 
@@ -211,10 +213,10 @@ def guided_step(model, batch, args, device) -> dict:
                 grads[name] = guidance.gradient(x, out, chain)
         figure[f'{name}_s'] = common.time_call(run, device, args.repeats, args.warmup)['mean_s']
     if 'bf16' in args.precision:
-        from egohmr.evaluate import sampling_precision
+        from utils.tensors import precision_context
 
         def run_bf16():
-            with sampling_precision('bf16', device):
+            with precision_context('bf16', device):
                 grads['bf16'] = guidance.gradient(x, out, chain)
         figure['bf16_s'] = common.time_call(run_bf16, device, args.repeats, args.warmup)['mean_s']
         figure['bf16_speedup_over_fp32'] = figure['sparse_s'] / figure['bf16_s']

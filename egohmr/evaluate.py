@@ -54,11 +54,6 @@ def sampling_batch(batch: Dict, condition: Dict[str, torch.Tensor], times: int) 
             SAMPLES_IN_CHAIN_KEY: times, POSE_ONLY_KEY: True}
 
 
-def sampling_precision(precision: str, device: torch.device):
-    """``'fp32'``: no change; ``'bf16'``: bf16 autocast on the device (:func:`utils.tensors.precision_context`)."""
-    return precision_context(precision, device)
-
-
 def untile(x: torch.Tensor, times: int) -> torch.Tensor:
     """``[times*bs, ...] -> [bs, times, ...]``."""
     return x.reshape(times, -1, *x.shape[1:]).transpose(0, 1)
@@ -78,7 +73,7 @@ def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 
     discards it; ``guide_final_step`` applies it instead (:meth:`CollisionGuidance.final_step`).
     ``guidance``: the collision guidance (DDPM and DDIM hooks), or None. ``samples_per_chain`` bounds the samples
     batched into one chain (memory); default all. Each body gets the guidance gradient of its own sample's chain
-    however many samples share one chain. ``precision``: :func:`sampling_precision` (outputs are float32).
+    however many samples share one chain. ``precision``: :func:`utils.tensors.precision_context` (outputs are float32).
     ``sample_seed``: draw from per-frame streams (module docstring; needs ``batch['frame_index']``), or None.
     """
     if method not in SAMPLING_METHODS:
@@ -86,7 +81,7 @@ def sample_poses(model, diffusion, batch: Dict, num_samples: int, method: str = 
     if num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {num_samples}")
     model.eval()
-    with sampling_precision(precision, model.device), weights_cast_once(model):
+    with precision_context(precision, model.device), weights_cast_once(model):
         return _sample_poses(model, diffusion, batch, num_samples, method, guidance, samples_per_chain,
                              occupancy_model, guide_final_step, sample_seed)
 

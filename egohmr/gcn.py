@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from utils.body_model import NUM_SMPL_JOINTS, SMPL_EDGES
-from utils.tensors import autocast_is_on, full_precision
+from utils.tensors import autocast_is_on, fp32_under_autocast
 
 GCN_WEIGHT_GAIN = 1.414
 ADJ_OFFSET_INIT = 1e-6
@@ -101,6 +101,7 @@ class ModulatedGraphConv(nn.Module):
         """Modulate the projections and mix them over the graph (self / neighbour terms), add the bias."""
         return self.mix(h_self * self.M, h_neigh * self.M)
 
+    @fp32_under_autocast
     def mix(self, y_self: torch.Tensor, y_neigh: torch.Tensor) -> torch.Tensor:
         """``(A*I) y_self + (A*(1-I)) y_neigh + bias`` of the modulated projections ``[..., J, out]``.
 
@@ -108,9 +109,6 @@ class ModulatedGraphConv(nn.Module):
         are exact zeros), without that GEMM. Under autocast it runs in fp32 (a [J, J] product: cheap, and its bf16
         rounding would reach every layer's output).
         """
-        if autocast_is_on(y_self):
-            with full_precision(y_self):
-                return self.mix(y_self.float(), y_neigh.float())
         adj = self.effective_adjacency()
         out = torch.diagonal(adj)[:, None] * y_self + torch.matmul(adj * self.off_diagonal, y_neigh)
         return out + self.bias
@@ -203,8 +201,4 @@ class ModulatedGCN(nn.Module):
         else:
             d_self, d_neigh = first.gconv.project(x, self.in_dim - x.shape[-1], self.in_dim)
             h = first.activate(first.gconv.aggregate(leading[0] + d_self, leading[1] + d_neigh))
-        h = self.gconv_layers(h)
-        if autocast_is_on(h):
-            with full_precision(h):
-                return self.gconv_output(h.float())
-        return self.gconv_output(h)
+        return fp32_under_autocast(self.gconv_output)(self.gconv_layers(h))

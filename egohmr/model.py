@@ -27,7 +27,7 @@ from backbones.resnet import resnet50_backbone
 from utils.body_model import NUM_SMPL_JOINTS, create_smpl, resolve_data_path
 from utils.camera import IMAGE_CENTER, camera_features, normalise_full_image_points
 from utils.geometry import aa_to_rotmat, perspective_projection, rot6d_to_rotmat, rotmat_to_rot6d
-from utils.tensors import autocast_is_on, full_precision
+from utils.tensors import fp32_under_autocast
 from backbones.pointnet import SCENE_SLICE_POINTS, ResnetPointnet
 
 BODY_REP_DIM = 6 * NUM_SMPL_JOINTS   # 144
@@ -377,13 +377,10 @@ class EgoHMR(nn.Module):
         return self.beta_layer(torch.cat([cond['img_feat'], cond['scene_feat'], cond['transl_feat'],
                                           cond['cam_feat']], dim=-1))
 
+    @fp32_under_autocast
     def decode(self, pred_x_start: torch.Tensor, cond: Dict[str, torch.Tensor], batch) -> Dict:
         """Normalised pose ``[B,144]`` + condition -> SMPL outputs (betas from the unmasked condition); in fp32 under
         autocast too (SMPL's skinning in bf16 would move vertices by millimetres)."""
-        if autocast_is_on(pred_x_start):
-            with full_precision(pred_x_start):
-                return self.decode(pred_x_start.float(), {k: v.float() if torch.is_tensor(v) and v.is_floating_point()
-                                                          else v for k, v in cond.items()}, batch)
         bs = pred_x_start.shape[0]
         pose_6d = self.denormalize_pose(pred_x_start)
         rotmats = rot6d_to_rotmat(pose_6d, mode='diffusion').reshape(bs, NUM_SMPL_JOINTS, 3, 3)

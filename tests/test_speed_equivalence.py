@@ -248,6 +248,24 @@ def test_map_row_chunks_covers_every_row_once():
         map_row_chunks(fn, (x, y), 0)
 
 
+def test_fp32_under_autocast_casts_tensor_and_dict_arguments():
+    from utils.tensors import fp32_under_autocast
+
+    @fp32_under_autocast
+    def product(a, extra, scale=1.0):
+        return (a @ a.t()) * extra['b'] * scale, extra['n'], torch.is_autocast_enabled('cpu')
+
+    a = torch.randn(3, 4).bfloat16()
+    extra = {'b': torch.tensor(2.0).bfloat16(), 'n': torch.tensor([1, 2])}
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out, ints, on = product(a, extra)
+        assert torch.is_autocast_enabled('cpu')                  # back on after the call
+    assert out.dtype == torch.float32 and not on and ints.dtype == torch.int64
+    assert torch.equal(out, (a.float() @ a.float().t()) * 2.0)
+    out, _, on = product(a, extra)                               # no autocast: called as it is
+    assert out.dtype == torch.bfloat16 and not on
+
+
 def test_chunked_coap_networks_equal_the_whole_batch(model, monkeypatch):
     """COAP's part encoder and query MLPs, a few thousand points at a time: the same bits as one call on every row
     (values and the gradients w.r.t. the inputs), at COAP's own sizes (1000 surface samples a part)."""

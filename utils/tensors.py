@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 import torch
@@ -39,6 +40,29 @@ def full_precision(x: torch.Tensor):
 def autocast_is_on(x: torch.Tensor) -> bool:
     """Whether autocast is enabled for ``x``'s device type."""
     return torch.is_autocast_enabled(x.device.type)
+
+
+def _as_fp32(value):
+    """A floating tensor as fp32; a dict with its floating tensors so (one level); anything else as it is."""
+    if torch.is_tensor(value):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _as_fp32(v) for k, v in value.items()}
+    return value
+
+
+def fp32_under_autocast(fn):
+    """Decorator: where autocast is on for the device of ``fn``'s first tensor argument, run ``fn`` with autocast off
+    and its floating tensor arguments (and those in dict arguments) cast to fp32; otherwise call it as it is. For the
+    small, precision-critical pieces of a bf16 run (SMPL decoding, COAP's geometry, graph mixing)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
+        if first is None or not autocast_is_on(first):
+            return fn(*args, **kwargs)
+        with full_precision(first):
+            return fn(*(_as_fp32(a) for a in args), **{k: _as_fp32(v) for k, v in kwargs.items()})
+    return wrapper
 
 
 PRECISIONS = ('fp32', 'bf16')

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from egohmr.coap.partition import NUM_PARTS, NUM_SMPL_JOINTS, Partitioner, body_model_tables
 from egohmr.coap.sampling import draw_face_samples, points_on_drawn_faces, sample_points_on_faces
 from utils.geometry import aa_to_rotmat
-from utils.tensors import autocast_is_on, full_precision, map_row_chunks
+from utils.tensors import autocast_is_on, fp32_under_autocast, map_row_chunks
 from backbones.pointnet import ResnetPointnet
 
 LATENT_DIM = 128
@@ -110,12 +110,10 @@ def rigid_inverse(transforms: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, bottom], dim=-2)
 
 
+@fp32_under_autocast
 def apply_transform(transforms: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Map points ``[..., N, 3]`` by transforms ``[..., 4, 4]`` (broadcast over the leading dims); in fp32 under
     autocast too (only COAP's networks follow autocast: its geometry and box tests stay exact)."""
-    if autocast_is_on(points):
-        with full_precision(points):
-            return apply_transform(transforms.float(), points.float())
     return points @ transforms[..., :3, :3].transpose(-1, -2) + transforms[..., None, :3, 3]
 
 
@@ -183,11 +181,9 @@ class COAPBodyModel(nn.Module):
         transforms = torch.cat([top, bottom], dim=-2)
         return transforms[:, self.partitioner.joint_mapper]
 
+    @fp32_under_autocast
     def compute_bone_trans(self, full_pose: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
         """``bone_trans`` ``[B, 16, 4, 4]``: posed space -> local part frame (fp32 under autocast too)."""
-        if autocast_is_on(joints):
-            with full_precision(joints):
-                return self.compute_bone_trans(full_pose.float(), joints.float())
         return rigid_inverse(self.part_transforms(full_pose, joints))
 
     def part_bounds(self, vertices: torch.Tensor, bone_trans: torch.Tensor):
