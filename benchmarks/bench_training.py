@@ -22,8 +22,6 @@ import common  # noqa: E402
 from make_bench_world import (egobody_dataset, frame_batch, mocap_batch,  # noqa: E402
                               start_benchmark, with_scene_points)
 
-import torch  # noqa: E402
-
 
 def build_parser():
     parser = common.base_parser(__doc__.splitlines()[0], cpu_calls=(1, 0), cuda_calls=(5, 2))
@@ -64,6 +62,7 @@ def stage2_step(world, cfg, args, device):
     import train_egohmr
     from diffusion import UniformSampler, create_gaussian_diffusion
     from egohmr import trainer
+    from utils.optim import adamw
 
     from configs import egohmr_config
 
@@ -73,9 +72,8 @@ def stage2_step(world, cfg, args, device):
     dataset = egobody_dataset(world, cfg, flags.scene_type, split='train', stats=True)
     batch = with_scene_points(frame_batch(dataset, args.batch_size, device), args.scene_points)
     model = trainer.build_model(flags, cfg, dataset.Xmean, dataset.Xstd, device)
-    # the optimiser train_egohmr.py builds (egohmr.trainer.train has it inline)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=float(cfg.TRAIN.LR),
-                                  weight_decay=float(cfg.TRAIN.WEIGHT_DECAY))
+    # the optimiser egohmr.trainer.train builds
+    optimizer = adamw(model.trainable_parameters(), lr=float(cfg.TRAIN.LR), weight_decay=float(cfg.TRAIN.WEIGHT_DECAY))
     diffusion = create_gaussian_diffusion(flags.num_diffusion_timesteps, '')
     sampler = UniformSampler(diffusion)
     coap_loss = model.coap is not None and model.loss_weights['coap_penetration'] > 0 \

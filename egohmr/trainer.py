@@ -20,6 +20,7 @@ from egohmr.checkpoints import load_backbone_from_prohmr
 from egohmr.model import EgoHMR
 from utils import distributed
 from utils.io import DataError
+from utils.optim import adamw
 from utils.tensors import precision_context
 from utils.run import (check_finite_losses, check_run_paths, get_logger, log_scalars, open_run_dir,
                        open_summary_writer, prepare_run, recursive_to, run_training_loop)
@@ -162,8 +163,7 @@ def train(args, cfg, cfg_path: Optional[str] = None) -> Dict:
                         f"{args.start_coap_epoch}) is meaningless; pass trained COAP weights or "
                         "--weight_coap_penetration 0")
     train_loader, train_sampler, val_loader = training_loaders(args, train_set, val_set, data_seed)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=float(cfg.TRAIN.LR),
-                                  weight_decay=float(cfg.TRAIN.WEIGHT_DECAY))
+    optimizer = adamw(model.trainable_parameters(), lr=float(cfg.TRAIN.LR), weight_decay=float(cfg.TRAIN.WEIGHT_DECAY))
     diffusion_train = create_gaussian_diffusion(args.num_diffusion_timesteps, '')
     diffusion_eval = create_gaussian_diffusion(args.num_diffusion_timesteps,
                                                respacing_of(args.timestep_respacing_eval))

@@ -19,6 +19,7 @@ from prohmr_scene.model import ProHMRScene
 from utils import distributed
 from utils.checkpoint_io import PROHMR_HINT, load_prohmr_backbone
 from utils.io import DataError
+from utils.optim import adamw
 from utils.run import (check_finite_losses, check_run_paths, get_logger, log_scalars, open_run_dir,
                        open_summary_writer, prepare_run, recursive_to, run_training_loop)
 from utils.run_state import (EpochSampler, RunRecord, choose_data_seed, endless_batches, preserved_rng,
@@ -74,8 +75,7 @@ def make_optimizers(model: ProHMRScene, cfg):
     """AdamW for backbone + flow (incl. FC head) + scene encoder, and AdamW for the discriminator."""
     gen_params, disc_params = model.trainable_groups()
     lr, wd = float(cfg.TRAIN.LR), float(cfg.TRAIN.WEIGHT_DECAY)
-    return (torch.optim.AdamW(gen_params, lr=lr, weight_decay=wd),
-            torch.optim.AdamW(disc_params, lr=lr, weight_decay=wd))
+    return adamw(gen_params, lr=lr, weight_decay=wd), adamw(disc_params, lr=lr, weight_decay=wd)
 
 
 def train_step(model: ProHMRScene, batch: Dict, mocap_batch: Dict, optimizer, optimizer_disc) -> Dict[str, float]:

@@ -25,7 +25,7 @@ class Loader:
 
 def run(max_iters, num_epoch=10, num_batches=4, validated_at_start=False):
     loader = Loader(num_batches)
-    calls = {'train': [], 'val': [], 'save': 0}
+    calls = {'train': [], 'val': [], 'save': 0, 'saved_at': []}
 
     def train_step(batch, epoch):
         calls['train'].append((epoch, batch))
@@ -36,6 +36,7 @@ def run(max_iters, num_epoch=10, num_batches=4, validated_at_start=False):
 
     def save_last(step, epoch):
         calls['save'] += 1
+        calls['saved_at'].append((step, len(calls['val'])))   # the iteration and the validations it holds
 
     result = training_loop(loader, num_epoch=num_epoch, max_iters=max_iters, iters_per_epoch=num_batches,
                            log_step=2, val_step=3, save_step=5, train_step=train_step, validate=validate,
@@ -50,6 +51,15 @@ def test_stops_at_max_iters_and_validates_the_last_weights_once():
     assert calls['val'] == [(3, 0), (6, 1), (7, 1)]       # every 3 iterations, then the stopping point
     assert calls['save'] == 1 + 1                         # iteration 5, then the end of the run
     assert epochs == [0, 1]                               # seeded augmentation follows the epoch
+
+
+def test_the_last_iterations_checkpoint_is_written_once_and_holds_every_validation():
+    # ends on a validation and save step (15): the save_step checkpoint is the last one, not written twice
+    (steps, _), calls, _ = run(max_iters=15)
+    assert steps == 15 and calls['saved_at'] == [(5, 1), (10, 3), (15, 5)]
+    # ends on a save step between validations (10): validated after that save, so saved again with it
+    (steps, _), calls, _ = run(max_iters=10)
+    assert calls['val'][-1] == (10, 2) and calls['saved_at'] == [(5, 1), (10, 3), (10, 4)]
 
 
 def test_no_extra_validation_when_the_run_ends_on_a_validation_step():

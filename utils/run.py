@@ -270,7 +270,8 @@ def training_loop(loader, *, num_epoch: int, max_iters, iters_per_epoch: int, lo
     ``train_step(batch, epoch) -> losses``. Every ``log_step`` iterations the losses go to tensorboard
     (``train/<name>``) and the log, every ``val_step`` ``validate(step, epoch)`` runs (on preserved RNG streams, so
     validating does not change what training draws), every ``save_step`` ``save_last(step, epoch)``. A run that
-    stops between validations (``max_iters``) is validated once more; ``save_last`` always runs at the end.
+    stops between validations (``max_iters``) is validated once more; ``save_last`` runs at the end unless the
+    ``save_step`` save of the last iteration, after its validation, already wrote that state.
     ``max_iters=None`` means no limit (``num_epoch`` epochs). ``start_step`` > 0 resumes: the epochs and batches
     before it are skipped without loading them (``sampler`` needed). ``stop``: a :class:`utils.run_state.StopRequest`;
     when it fires, ``save_last`` runs and :class:`utils.run_state.RunInterrupted` is raised.
@@ -292,6 +293,7 @@ def training_loop(loader, *, num_epoch: int, max_iters, iters_per_epoch: int, lo
                     dynamic_ncols=True)
     step, last_epoch = start_step, max(0, start_epoch - (1 if skip == 0 and start_step else 0))
     last_val_step = step if (validated_at_start or start_step) else None
+    last_save_step = None
     for epoch in range(start_epoch, num_epoch):
         if step >= max_iters:
             break
@@ -316,6 +318,7 @@ def training_loop(loader, *, num_epoch: int, max_iters, iters_per_epoch: int, lo
                 last_val_step = step
             if step % save_step == 0:
                 save_last(step, epoch)
+                last_save_step = step
             if stop:
                 progress.close()
                 save_last(step, epoch)
@@ -324,7 +327,9 @@ def training_loop(loader, *, num_epoch: int, max_iters, iters_per_epoch: int, lo
     progress.close()
     if step > 0 and last_val_step != step:  # stopped between validations: evaluate the final weights too
         run_validation(step, last_epoch)
-    save_last(step, last_epoch)
+        last_save_step = None                  # the checkpoint must hold this validation too
+    if last_save_step != step:                 # else the save_step checkpoint of this very iteration is the last
+        save_last(step, last_epoch)
     return step, last_epoch
 
 

@@ -210,20 +210,21 @@ class COAPBodyModel(nn.Module):
         return self.encoder.pooled_features(local_surface.reshape(batch * NUM_PARTS, -1, 3)).reshape(
             batch, NUM_PARTS, -1)
 
-    def encode_body(self, smpl_output) -> dict:
-        """Encode a posed body; the result is cached in ``impl_code`` and returned."""
+    def part_frames(self, smpl_output) -> dict:
+        """The geometric half of :meth:`encode_body` (no point encoder, no random draws): ``bone_trans`` and the
+        part boxes ``bbox_min/max/size/center``, with ``full_pose`` and ``joints``."""
         check_smpl_output(smpl_output)
         vertices, joints, full_pose = smpl_output.vertices, smpl_output.joints, smpl_output.full_pose
-        batch = vertices.shape[0]
-        bone_trans = self.compute_bone_trans(full_pose.reshape(batch, -1), joints)
+        bone_trans = self.compute_bone_trans(full_pose.reshape(vertices.shape[0], -1), joints)
         bbox_min, bbox_max = self.part_bounds(vertices, bone_trans)
-        latent = self.encoder.fc_c(self.part_surface_features(vertices, bone_trans))
-        self.impl_code = dict(
-            full_pose=full_pose, joints=joints, bone_trans=bone_trans, latent_code=latent,
-            bbox_min=bbox_min, bbox_max=bbox_max,
-            bbox_size=(bbox_max - bbox_min).abs() * self.bbox_padding,
-            bbox_center=0.5 * (bbox_min + bbox_max),
-        )
+        return dict(full_pose=full_pose, joints=joints, bone_trans=bone_trans, bbox_min=bbox_min, bbox_max=bbox_max,
+                    bbox_size=(bbox_max - bbox_min).abs() * self.bbox_padding, bbox_center=0.5 * (bbox_min + bbox_max))
+
+    def encode_body(self, smpl_output) -> dict:
+        """Encode a posed body; the result is cached in ``impl_code`` and returned."""
+        code = self.part_frames(smpl_output)
+        code['latent_code'] = self.encoder.fc_c(self.part_surface_features(smpl_output.vertices, code['bone_trans']))
+        self.impl_code = code
         return self.impl_code
 
     def _cache_is_valid(self, smpl_output) -> bool:

@@ -44,6 +44,7 @@ from egohmr.coap.model import COAPBodyModel, apply_transform, rigid_inverse
 from egohmr.coap.partition import NUM_PARTS
 from egohmr.coap.sampling import sample_points_on_faces
 from utils.io import load_npz_checked
+from utils.optim import fused_optimizer
 from utils.tensors import to_numpy
 
 
@@ -184,7 +185,7 @@ def build_pair_pool(coap: COAPBodyModel, body, faces: np.ndarray, settings: Trai
                     generator: torch.Generator) -> PairPool:
     """Encode the posed bodies ``body`` and label their query points as (point, part) pairs (see :class:`PairPool`)."""
     with torch.no_grad():
-        code = coap.encode_body(body)
+        code = coap.part_frames(body)   # the codes come from fc_c(features) during training
         features = coap.part_surface_features(body.vertices, code['bone_trans'])
         faces_t = torch.as_tensor(faces, device=body.vertices.device)
         points = torch.cat([
@@ -201,7 +202,6 @@ def build_pair_pool(coap: COAPBodyModel, body, faces: np.ndarray, settings: Trai
         target = inside_body[b_idx, n_idx]
         labelled = (target == 0) | (owners[b_idx, n_idx] == k_idx)
         b_idx, k_idx, n_idx = b_idx[labelled], k_idx[labelled], n_idx[labelled]
-        coap.detach_cache()
         return PairPool(features=features, body=b_idx, part=k_idx, local=local[b_idx, k_idx, n_idx],
                         target=target[labelled])
 
@@ -243,7 +243,7 @@ def pair_logits(coap: COAPBodyModel, latent: torch.Tensor, body: torch.Tensor, p
         else:
             x = layer(x)
         if i < net.num_linear - 1:
-            x = net.activation(x)
+            x = net.activate(x)
     return coap.decoder(torch.cat([local, x], dim=-1))[:, 0]
 
 
@@ -330,7 +330,7 @@ def train_coap(body_model, pose: np.ndarray, settings: TrainSettings,
     standardise_codes_(coap.encoder.fc_c, pool.features)
     params = (list(coap.encoder.fc_c.parameters()) + list(coap.query_encoder.parameters())
               + list(coap.decoder.parameters()))
-    optimizer = torch.optim.Adam(params, lr=settings.lr)
+    optimizer = fused_optimizer(torch.optim.Adam, params, lr=settings.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(step, settings.iters)
                                                                       / max(1, settings.iters))))
