@@ -2,7 +2,9 @@
 Headless; renderers and open3d import lazily.
 
 A render of one frame stacks one row per shown sample: ``[input + green box | body overlay | body in the scene
-seen from the master Kinect]``, then halves the size. Fixes of the original: the
+seen from the master Kinect]`` at half the image size (:data:`RENDER_SCALE`): the input is halved (INTER_AREA) and
+the bodies and the scene are rendered at that size (a quarter of the pixels to rasterise and read back in
+software OpenGL). Fixes of the original: the
 overlay uses the render's depth as the mask (not the red channel), and the Kinect-frame scene mesh is cached per
 recording (not rebuilt only on the first visit).
 """
@@ -21,6 +23,19 @@ from utils.tensors import to_numpy
 BOX_COLOR_BGR = (0, 255, 0)
 BOX_THICKNESS = 3
 KINECT_SIZE = IMAGE_SIZE   # the master Kinect colour images are 1920x1080 too
+RENDER_SCALE = 0.5         # the figures' panels: half the 1920x1080 images
+
+
+def scaled_intrinsics(intrinsics: Sequence[float], scale: float) -> tuple:
+    """``(fx, fy, cx, cy)`` of the same camera for an image resized by ``scale``: pixel centres ``u`` map to
+    ``(u + 0.5) * scale - 0.5`` (what cv2.resize does)."""
+    fx, fy, cx, cy = (float(v) for v in intrinsics)
+    return fx * scale, fy * scale, (cx + 0.5) * scale - 0.5, (cy + 0.5) * scale - 0.5
+
+
+def scaled_size(size: Sequence[int], scale: float) -> tuple:
+    """``(width, height)`` resized by ``scale`` (rounded, at least 1 pixel)."""
+    return tuple(max(1, int(round(v * scale))) for v in size)
 
 
 def draw_box(image: np.ndarray, center: Sequence[float], size: float) -> np.ndarray:
@@ -106,16 +121,17 @@ def overlay_body(ctx: RenderContext, image: np.ndarray, vertices: np.ndarray, fa
 
 
 def render_in_scene(ctx: RenderContext, recording: str, vertices_pv: np.ndarray, faces: np.ndarray,
-                    kinect2pv: np.ndarray, colors=None) -> np.ndarray:
+                    kinect2pv: np.ndarray, colors=None, scale: float = 1.0) -> np.ndarray:
     """The body (or, with ``colors``, the bodies ``[S, V, 3]``) in the scene mesh, seen by the master Kinect
-    colour camera (BGR, 1920x1080)."""
+    colour camera (BGR, 1920x1080 times ``scale``)."""
     from utils.geometry import transform_points
     bodies = [vertices_pv] if colors is None else list(vertices_pv)
     to_kinect = np.linalg.inv(kinect2pv)
     bodies = [transform_points(v.astype(np.float64), to_kinect) for v in bodies]
     meshes = [(ctx.scene_in_kinect(recording), None)] + _colored_bodies(bodies, faces, colors)
-    rgb, _ = ctx.renderer(*KINECT_SIZE).render(meshes, ctx.kinect_intrinsics(), bg_color=(1.0, 1.0, 1.0, 1.0),
-                                               ambient=(0.0, 0.0, 0.0))
+    rgb, _ = ctx.renderer(*scaled_size(KINECT_SIZE, scale)).render(
+        meshes, scaled_intrinsics(ctx.kinect_intrinsics(), scale), bg_color=(1.0, 1.0, 1.0, 1.0),
+        ambient=(0.0, 0.0, 0.0))
     return rgb[..., ::-1]
 
 
@@ -124,29 +140,35 @@ def render_prohmr_rows(ctx: RenderContext, imgname: str, vertices: np.ndarray, f
                        kinect2holo: np.ndarray, holo2pv: np.ndarray) -> np.ndarray:
     """One frame's figure: for each sample in ``vertices [S, V, 3]`` (PV frame) a row
     ``[input + box | overlay | scene render]``, plus (S > 1) a last row with all samples overlaid, one colour each;
-    rows stacked and halved (INTER_AREA). Returns BGR uint8."""
+    rows stacked, every panel at :data:`RENDER_SCALE` of the image size (the input resized with INTER_AREA, the
+    renders made at that size). Returns BGR uint8."""
     import cv2
     image = cv2.imread(imgname)
     if image is None:
         raise FileNotFoundError(f"cannot read image '{imgname}' for rendering")
     recording = egobody.parse_imgname(imgname)[0]
     kinect2pv = egobody.kinect_to_pv(kinect2holo, holo2pv)
-    boxed = draw_box(image, box_center, box_size)
+    size = scaled_size(image.shape[1::-1], RENDER_SCALE)
+
+    def halved(picture):
+        return cv2.resize(picture, size, interpolation=cv2.INTER_AREA)
+    boxed = halved(draw_box(image, box_center, box_size))
+    small, small_intrinsics = halved(image), scaled_intrinsics(intrinsics, RENDER_SCALE)
     rows = []
 
     def row(overlay, scene):
-        if scene.shape[:2] != image.shape[:2]:
-            scene = cv2.resize(scene, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_AREA)
+        if scene.shape[:2] != small.shape[:2]:       # a Kinect image size other than the PV one
+            scene = halved(scene)
         return np.concatenate([boxed, overlay, scene], axis=1)
 
     for verts in vertices:
-        rows.append(row(overlay_body(ctx, image, verts, faces, intrinsics),
-                        render_in_scene(ctx, recording, verts, faces, kinect2pv)))
+        rows.append(row(overlay_body(ctx, small, verts, faces, small_intrinsics),
+                        render_in_scene(ctx, recording, verts, faces, kinect2pv, scale=RENDER_SCALE)))
     if len(vertices) > 1:  # all samples at once, one colour each
-        rows.append(row(overlay_body(ctx, image, vertices, faces, intrinsics, colors=SAMPLE_COLORS),
-                        render_in_scene(ctx, recording, vertices, faces, kinect2pv, colors=SAMPLE_COLORS)))
-    figure = np.concatenate(rows, axis=0)
-    return cv2.resize(figure, (figure.shape[1] // 2, figure.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        rows.append(row(overlay_body(ctx, small, vertices, faces, small_intrinsics, colors=SAMPLE_COLORS),
+                        render_in_scene(ctx, recording, vertices, faces, kinect2pv, colors=SAMPLE_COLORS,
+                                        scale=RENDER_SCALE)))
+    return np.concatenate(rows, axis=0)
 
 
 def render_file_name(imgname: str, ext: str = '.jpg') -> str:
