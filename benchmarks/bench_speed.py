@@ -16,7 +16,8 @@ eval forward, beside a matmul floor measured in the same run.
   surface samples come from different seeds (the method's own variability).
 * ``ddim5``: the same call with DDIM-5 and no guidance.
 * ``training_step``: one ``egohmr.trainer.train_step`` at ``--train_batch`` with the COAP penetration loss off
-  (epoch 0) and on (epoch 3), in every ``--precision``.
+  (epoch 0) and on (epoch 3), in every ``--precision``, after at least one warm-up step (the first step also
+  allocates the optimiser's state).
 * ``stage1_eval_forward``: ``ProHMRScene.forward_step`` (eval, the config's test sample count) at ``--stage1_batch``.
 
 With ``--precision fp32 bf16`` the sampling figures also run under autocast (``sample_poses(precision='bf16')``)
@@ -247,7 +248,8 @@ def training_figures(world, cfg, args, device) -> dict:
             step_args.batch_size, step_args.stage2_epoch, step_args.train_precision = args.train_batch, epoch, precision
             step, info = stage2_step(world, cfg, step_args, device)
             common.log(f'training step, batch {args.train_batch}, {name} ({precision})')
-            timing = common.time_call(step, device, args.repeats, args.warmup)
+            # one warm-up step at least: the first one also allocates the optimiser's state
+            timing = common.time_call(step, device, args.repeats, max(args.warmup, 1))
             key = f'training_step/{name}' + ('' if precision == 'fp32' else f'/{precision}')
             results[key] = {'s_per_it': timing['mean_s'], 'batch': args.train_batch, 'precision': precision, **info}
     return results

@@ -102,3 +102,34 @@ def test_chunked_clouds_equal_one_piece_with_gradients():
         out = model(points)
         results.append((out, torch.autograd.grad(out.square().sum(), points)[0]))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_max_over_points_has_torchs_amax_gradient_bit_for_bit():
+    """The few-pass backward of max_over_points against autograd's amax backward, ties included (duplicated points
+    share the gradient), in fp32 and bf16; and a whole encoder's weight gradients with one against the other."""
+    import backbones.pointnet as pointnet
+    torch.manual_seed(5)
+    x = torch.randn(3, 500, 16)
+    x[:, 7] = x[:, 3]                                  # duplicated points: tied maxima
+    x[1, :, 2] = 0.25                                  # a channel where every point ties
+    grad = torch.randn(3, 1, 16)
+    for dtype in (torch.float32, torch.bfloat16):
+        a = x.to(dtype).clone().requires_grad_()
+        b = x.to(dtype).clone().requires_grad_()
+        pointnet.max_over_points(a).backward(grad.to(dtype))
+        b.amax(dim=1, keepdim=True).backward(grad.to(dtype))
+        assert torch.equal(a.grad, b.grad) and a.grad.dtype == dtype
+        assert (a.grad[1, :, 2] != 0).all()            # shared among all 500 points
+    model = randomised(ResnetPointnet(out_dim=8, hidden_dim=32))
+    points = torch.randn(2, 300, 3)
+    points[:, 10:20] = points[:, :10]
+    grads = []
+    for pool in (pointnet.max_over_points, lambda net: net.amax(dim=1, keepdim=True)):
+        saved, pointnet.max_over_points = pointnet.max_over_points, pool
+        try:
+            model.zero_grad()
+            model(points).square().sum().backward()
+        finally:
+            pointnet.max_over_points = saved
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(g, h) for g, h in zip(*grads))
