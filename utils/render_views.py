@@ -150,15 +150,15 @@ def render_prohmr_rows(ctx: RenderContext, imgname: str, vertices: np.ndarray, f
     kinect2pv = egobody.kinect_to_pv(kinect2holo, holo2pv)
     size = scaled_size(image.shape[1::-1], RENDER_SCALE)
 
-    def halved(picture):
+    def to_panel(picture):
         return cv2.resize(picture, size, interpolation=cv2.INTER_AREA)
-    boxed = halved(draw_box(image, box_center, box_size))
-    small, small_intrinsics = halved(image), scaled_intrinsics(intrinsics, RENDER_SCALE)
+    boxed = to_panel(draw_box(image, box_center, box_size))
+    small, small_intrinsics = to_panel(image), scaled_intrinsics(intrinsics, RENDER_SCALE)
     rows = []
 
     def row(overlay, scene):
         if scene.shape[:2] != small.shape[:2]:       # a Kinect image size other than the PV one
-            scene = halved(scene)
+            scene = to_panel(scene)
         return np.concatenate([boxed, overlay, scene], axis=1)
 
     for verts in vertices:
