@@ -3,10 +3,10 @@
 ``fused=True`` runs the same update rule as torch's default (per-tensor on the CPU, multi-tensor on CUDA) in one
 kernel per parameter instead of about ten elementwise passes: 3.8x faster for ResNet-50's parameters on a 2-core
 CPU (0.072 -> 0.019 s per step), which is 8-10 % of a batch-4 training step of either stage. Its rounding differs
-from the default's (the same formula, evaluated in another order; a step moves a weight differently by < 1e-8),
-so a run's weights match those of the default optimiser to float precision, not bit for bit; a run and its
-resumed continuation use the same one (measured on ResNet-50: at most 7e-9 apart after six
-steps at lr 1e-4). Where a device has no fused kernel the default implementation is used.
+from the default's (the same formula, evaluated in another order): a run's weights match those of the default
+optimiser to float precision, not bit for bit (ResNet-50's weights at most 7e-9 apart after six steps at lr 1e-4);
+a run and its resumed continuation use the same one. Where a device has no fused kernel the default
+implementation is used.
 """
 from __future__ import annotations
 

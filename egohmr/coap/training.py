@@ -100,16 +100,16 @@ def shape_samples(n: int, num_betas: int, std: float, generator: torch.Generator
     return betas.clamp(-2 * std, 2 * std)
 
 
-def sample_part_box_points(coap: COAPBodyModel, body, num_per_part: int,
+def sample_part_box_points(frames: dict, num_per_part: int,
                            generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Points ``[B, 16*n, 3]`` (posed space) uniform in every part's padded local box."""
+    """Points ``[B, 16*n, 3]`` (posed space) uniform in every part's padded local box, from the bodies'
+    :meth:`COAPBodyModel.part_frames`."""
     with torch.no_grad():
-        bone_trans = coap.compute_bone_trans(body.full_pose, body.joints)
-        lo, hi = coap.part_bounds(body.vertices, bone_trans)
-        size = (hi - lo) * coap.bbox_padding * 0.999   # strictly inside, so box tests keep every point
+        lo, hi = frames['bbox_min'], frames['bbox_max']
+        size = frames['bbox_size'] * 0.999   # strictly inside, so box tests keep every point
         unit = torch.rand(lo.shape[0], NUM_PARTS, num_per_part, 3, generator=generator, device=lo.device)
         local = 0.5 * (lo + hi) + (unit - 0.5) * size
-        return apply_transform(rigid_inverse(bone_trans), local).reshape(lo.shape[0], -1, 3)
+        return apply_transform(rigid_inverse(frames['bone_trans']), local).reshape(lo.shape[0], -1, 3)
 
 
 def sample_near_surface(vertices: torch.Tensor, faces: torch.Tensor, num: int, sigmas,
@@ -189,7 +189,7 @@ def build_pair_pool(coap: COAPBodyModel, body, faces: np.ndarray, settings: Trai
         features = coap.part_surface_features(body.vertices, code['bone_trans'])
         faces_t = torch.as_tensor(faces, device=body.vertices.device)
         points = torch.cat([
-            sample_part_box_points(coap, body, settings.box_points, generator),
+            sample_part_box_points(code, settings.box_points, generator),
             sample_near_surface(body.vertices, faces_t, settings.surface_points, settings.surface_sigmas,
                                 generator),
             sample_box_points(body.vertices, settings.volume_points, 0.05, generator),
