@@ -70,8 +70,8 @@ def test_concatenating_encoder_keeps_the_original_layers():
 
 
 def test_sliced_scene_encoding_equals_one_piece():
-    """Clouds larger than ``slice_points``, without gradients: slices of points of every cloud, the same bits; with
-    gradients the encoder runs in one piece (the same graph as without slicing)."""
+    """Clouds larger than ``slice_points``, without gradients: slices of points of every cloud, the same bits (also
+    with the points at a maximum marked); small clouds in one piece."""
     torch.manual_seed(3)
     model = randomised(ResnetPointnet(out_dim=16, hidden_dim=64, pos_layer_name='fc_pos_0'))
     points = torch.randn(3, 3000, 3)
@@ -79,16 +79,71 @@ def test_sliced_scene_encoding_equals_one_piece():
         whole = model(points)
         model.slice_points = 2048                     # 682 points of each of the 3 clouds a slice
         sliced = model(points)
-    assert torch.equal(sliced, whole)
+        features, at_max = model._pooled_features_in_slices(points, rows_at_max=True)
+    assert torch.equal(sliced, whole) and torch.equal(model.fc_c(features), whole)
+    expected_at_max, net, pooled = torch.zeros(3, 3000, dtype=torch.bool), model.fc_pos_0(points), None
+    with torch.no_grad():                             # brute force: every block's outputs equal to their max
+        for k in range(len(model.block_ids)):
+            net = model._block_input(k, net, pooled)
+            pooled = net.max(dim=1, keepdim=True).values
+            expected_at_max |= (net == pooled).any(dim=-1)
+    assert torch.equal(at_max, expected_at_max) and int(at_max.sum(dim=1).max()) <= 4 * 64
     calls = []
     model._pooled_features_in_slices = lambda x: calls.append(x) or torch.zeros(x.shape[0], 64)
     with torch.no_grad():
         model(points[:, :2000])                       # small clouds: one piece
-    torch.testing.assert_close(model(points), whole, rtol=0, atol=0)   # gradients on: one piece
     assert not calls
     with torch.no_grad():
         model(points)
     assert len(calls) == 1
+
+
+def dense_features(model: ResnetPointnet, points: torch.Tensor) -> torch.Tensor:
+    """The encoder on all points with autograd's full backward (no slicing, no subset)."""
+    return model.fc_c(model._pooled_features(points))
+
+
+def test_scene_encoder_backward_runs_on_the_points_at_a_maximum():
+    """With gradients a scene encoder (``slice_points`` set) returns the value of its no-gradient run bit for bit and
+    the full backward's gradients of every parameter and of the points: to 1e-12 in fp64 (the zero rows are left out
+    of the sums, nothing else), to float rounding in fp32; ties (duplicated points), clouds with different numbers
+    of points at a maximum (padding) and clouds whose every point is at one included. The backward pass sees at most
+    blocks x hidden (64) of the 3000 points of a cloud, and no other point gets a gradient."""
+    torch.manual_seed(6)
+    model = randomised(ResnetPointnet(out_dim=8, hidden_dim=16, pos_layer_name='fc_pos_0', slice_points=1024))
+    clouds = torch.randn(3, 3000, 3)
+    clouds[0, 100:110] = clouds[0, :10]                # duplicates: tied maxima share the gradient
+    clouds[1] *= 0.5
+    widths = []
+    dense_call = model._pooled_features
+    model._pooled_features = lambda x: widths.append(x.shape[1]) or dense_call(x)
+    for points in (clouds, clouds[:2, :3]):            # 3 points: every point reaches some maximum
+        weights = torch.randn(points.shape[0], 8)
+        for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+            model.to(dtype)
+            x = points.to(dtype).detach().clone().requires_grad_()
+            with torch.no_grad():
+                expected = model(x)
+            widths.clear()
+            model.zero_grad()
+            out = model(x)
+            assert torch.equal(out, expected)
+            (out * weights.to(dtype)).sum().backward()
+            assert len(widths) == 1
+            fast = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+            model.zero_grad()
+            x.grad = None
+            (dense_features(model, x) * weights.to(dtype)).sum().backward()
+            slow = [x.grad] + [p.grad for p in model.parameters()]
+            for a, b in zip(fast, slow):
+                torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance * b.abs().max().item())
+            with torch.no_grad():
+                at_max = model._pooled_features_in_slices(x, rows_at_max=True)[1]
+            assert widths[0] == int(at_max.sum(dim=1).max()) <= 4 * 16
+            assert bool((fast[0].abs().sum(dim=-1) > 0).le(at_max).all())     # no gradient off the subset
+            if points.shape[1] == 3:
+                assert bool(at_max.all())
+    model.float()
 
 
 def test_chunked_clouds_equal_one_piece_with_gradients():

@@ -11,7 +11,7 @@ import torch
 from configs import prohmr_config
 from egohmr import collision
 from egohmr.coap import load_coap_checkpoint
-from egohmr.coap.sampling import draw_face_samples, points_on_drawn_faces, sample_points_on_faces
+from egohmr.coap.sampling import draw_face_samples, face_areas, points_on_drawn_faces, sample_points_on_faces
 from egohmr.model import POSE_ONLY_KEY, EgoHMR
 from utils.geometry import rot6d_to_rotmat
 
@@ -91,6 +91,32 @@ def test_drawn_face_samples_equal_sample_points_on_faces(model):
     assert torch.equal(points.reshape(expected.shape), expected)
     one = points_on_drawn_faces(body.vertices, faces, chosen, weights, torch.tensor([1]), torch.tensor([7]))
     assert torch.equal(one[0], expected[1, 7])                   # one pair alone
+
+
+def test_face_set_areas_equal_each_sets_face_areas(model):
+    """Each distinct face's area computed once (draw_surface_samples) is the per-set computation bit for bit, so the
+    multinomial face draws see the same weights; the index follows the tables when they are written to."""
+    _, body = posed_body(model)
+    partitioner = model.coap.partitioner
+    tables = (partitioner.tight_face_tensor, partitioner.extended_face_tensor)
+    index = partitioner.face_set_index()
+    assert index.faces.shape[0] < sum(t.shape[0] * t.shape[1] for t in tables) // 2     # repeated faces, counted once
+    for vertices in (body.vertices, 10.0 * body.vertices.double()):
+        for got, faces in zip(index.areas(vertices), tables):
+            expected = face_areas(vertices, faces)
+            assert got.dtype == expected.dtype and torch.equal(got, expected)
+            assert bool((got[:, faces[..., 0] < 0] == 0).all()) and bool((got[:, faces[..., 0] >= 0] > 0).all())
+    assert partitioner.face_set_index() is index                                     # cached
+    saved = partitioner.tight_face_tensor.clone()
+    try:
+        with torch.no_grad():
+            partitioner.tight_face_tensor[0, 0] = partitioner.tight_face_tensor[1, 0]
+        rebuilt = partitioner.face_set_index()
+        assert rebuilt is not index
+        assert torch.equal(rebuilt.areas(body.vertices)[0], face_areas(body.vertices, partitioner.tight_face_tensor))
+    finally:
+        with torch.no_grad():
+            partitioner.tight_face_tensor.copy_(saved)
 
 
 def test_encode_parts_equals_encode_body_rows(model):

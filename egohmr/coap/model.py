@@ -307,9 +307,12 @@ class COAPBodyModel(nn.Module):
         generator per body (:func:`egohmr.coap.sampling.draw_face_samples`)."""
         num_samples = num_samples or self.num_surface_samples
         tight = num_samples // 2
-        return [(faces, *draw_face_samples(vertices, faces, count, generators))
-                for faces, count in ((self.partitioner.tight_face_tensor, tight),
-                                     (self.partitioner.extended_face_tensor, num_samples - tight))]
+        with torch.no_grad():       # each distinct face's area once (the same values, egohmr.coap.sampling)
+            areas = self.partitioner.face_set_index().areas(vertices)
+        return [(faces, *draw_face_samples(vertices, faces, count, generators, areas=set_areas))
+                for faces, count, set_areas in ((self.partitioner.tight_face_tensor, tight, areas[0]),
+                                                (self.partitioner.extended_face_tensor, num_samples - tight,
+                                                 areas[1]))]
 
     def encode_parts(self, vertices: torch.Tensor, bone_trans: torch.Tensor, draws: list,
                      body_idx: torch.Tensor, part_idx: torch.Tensor) -> torch.Tensor:

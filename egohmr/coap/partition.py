@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from egohmr.coap.sampling import FaceSetIndex
 from utils.body_model import NUM_SMPL_JOINTS
 from utils.tensors import to_numpy
 
@@ -146,6 +147,16 @@ class Partitioner(nn.Module):
         self.register_buffer('tight_vert_selector',
                              torch.from_numpy(pad_stack(partition.part_vertices, dtype=np.int64)))
         self.num_parts = NUM_PARTS
+        self._face_set_index = None
+
+    def face_set_index(self) -> FaceSetIndex:
+        """:class:`~egohmr.coap.sampling.FaceSetIndex` of ``(tight_face_tensor, extended_face_tensor)``, rebuilt
+        whenever either buffer is replaced or written to (``.to(device)``, ``load_state_dict``)."""
+        tables = (self.tight_face_tensor, self.extended_face_tensor)
+        key = tuple((t.data_ptr(), t._version, t.device) for t in tables)
+        if self._face_set_index is None or self._face_set_index[0] != key:
+            self._face_set_index = (key, FaceSetIndex(tables))
+        return self._face_set_index[1]
 
     @classmethod
     def from_body_model(cls, body_model) -> 'Partitioner':

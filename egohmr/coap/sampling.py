@@ -7,14 +7,48 @@ differentiable with respect to the vertices; the random choices are not.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
 def face_areas(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Areas ``[B, K, F]`` of ``faces [K, F, 3]`` (``-1`` rows give 0) on ``vertices [B, V, 3]``."""
-    corners = gather_face_corners(vertices, faces)
+    return corner_areas(gather_face_corners(vertices, faces), faces)
+
+
+def corner_areas(corners: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """:func:`face_areas` from the faces' gathered corners ``[B, K, F, 3, 3]`` (:func:`gather_face_corners`)."""
     cross = torch.cross(corners[..., 1, :] - corners[..., 0, :], corners[..., 2, :] - corners[..., 0, :], dim=-1)
     return 0.5 * cross.norm(dim=-1) * (faces[..., 0] >= 0)
+
+
+class FaceSetIndex:
+    """The distinct faces of several padded face sets ``[K, F, 3]`` and, per set row, its face's slot.
+
+    COAP's 16 tight and 16 extended part face sets repeat the same mesh faces (a face is in its part's tight set
+    and in up to a few extended sets). :meth:`areas` computes every distinct face's area once and reads each set
+    row's from it: the same values, bit for bit, as :func:`face_areas` of each set (each area is the same
+    elementwise arithmetic on the same three corners; padding rows read an exact 0), with a fraction of the
+    corner gathers.
+    """
+
+    def __init__(self, face_sets):
+        rows = torch.cat([f.reshape(-1, 3) for f in face_sets]).long()
+        real = rows[:, 0] >= 0
+        unique, inverse = torch.unique(rows[real], dim=0, return_inverse=True)
+        slots = torch.full((rows.shape[0],), unique.shape[0], dtype=torch.long, device=rows.device)
+        slots[real] = inverse
+        self.faces = unique                                                            # [U, 3]
+        self.slots = list(slots.split([f.shape[0] * f.shape[1] for f in face_sets]))   # per set [K*F] in [0, U]
+        self.shapes = [tuple(f.shape[:2]) for f in face_sets]
+
+    def areas(self, vertices: torch.Tensor) -> list:
+        """``[face_areas(vertices, faces) for faces in face_sets]`` (``[B, K, F]`` each)."""
+        distinct = face_areas(vertices, self.faces[None])[:, 0]                       # [B, U]
+        padded = torch.cat([distinct, distinct.new_zeros(distinct.shape[0], 1)], dim=1)
+        return [padded[:, slots].reshape(vertices.shape[0], *shape)
+                for slots, shape in zip(self.slots, self.shapes)]
 
 
 def gather_face_corners(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
@@ -41,7 +75,9 @@ def sample_points_on_faces(vertices: torch.Tensor, faces: torch.Tensor, num_samp
     """
     batch, num_sets = vertices.shape[0], faces.shape[0]
     corners = gather_face_corners(vertices, faces)                       # [B, K, F, 3, 3]
-    chosen, weights = draw_face_samples(vertices, faces, num_samples, generator)
+    with torch.no_grad():
+        areas = corner_areas(corners, faces)
+    chosen, weights = draw_face_samples(vertices, faces, num_samples, generator, areas=areas)
     corners = corners.reshape(batch * num_sets, -1, 3, 3)
     chosen = chosen.reshape(batch * num_sets, num_samples)
     picked = torch.gather(corners, 1, chosen[..., None, None].expand(-1, -1, 3, 3))  # [B*K, n, 3, 3]
@@ -59,18 +95,20 @@ def _draw(areas: torch.Tensor, num_samples: int, generator, device, dtype):
     return chosen, torch.cat([1.0 - root, root * (1.0 - v), root * v], dim=-1)
 
 
-def draw_face_samples(vertices: torch.Tensor, faces: torch.Tensor, num_samples: int, generator=None):
+def draw_face_samples(vertices: torch.Tensor, faces: torch.Tensor, num_samples: int, generator=None,
+                      areas: Optional[torch.Tensor] = None):
     """The random draws of :func:`sample_points_on_faces`, without the points.
 
     ``generator``: None (the global RNG) or one generator for the whole batch -- one multinomial over all ``B*K``
     (body, set) rows, then the uniform draws -- or a list of ``B`` generators, one per body, each making those calls
     for its body's ``K`` rows alone (on the CPU: a body's draws then do not depend on the other bodies of the batch,
     nor on the device). Returns ``chosen [B, K, n]`` face indices and barycentric ``weights [B, K, n, 3]``; turn them
-    into points of selected (body, set) pairs with :func:`points_on_drawn_faces`.
+    into points of selected (body, set) pairs with :func:`points_on_drawn_faces`. ``areas``: the sets' face areas
+    ``[B, K, F]`` if already computed (:func:`face_areas`, :class:`FaceSetIndex`).
     """
     batch, num_sets = vertices.shape[0], faces.shape[0]
     with torch.no_grad():
-        areas = face_areas(vertices, faces).reshape(batch * num_sets, -1)
+        areas = (face_areas(vertices, faces) if areas is None else areas).reshape(batch * num_sets, -1)
         if not bool((areas.sum(dim=1) > 0).all()):
             raise ValueError("draw_face_samples: a face set has no face of positive area")
         if isinstance(generator, (list, tuple)):
