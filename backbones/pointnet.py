@@ -100,14 +100,19 @@ class ResnetPointnet(nn.Module):
 
     ``slice_points``: without gradients, a batch of clouds of more points than this (a scene's 20000) is encoded in
     slices of about this many points, the same points of every cloud (:meth:`_pooled_features_in_slices`; the same
-    values). None or off the CPU: in one piece. Set (the scene encoders), with gradients the encoder also takes its
-    backward pass on the points that reach a maximum only (:meth:`_pooled_features_max_rows`).
+    values). None or off the CPU: in one piece.
+
+    ``max_rows_backward`` (default): with gradients, the backward pass runs on the points that reach a maximum only
+    (:meth:`_pooled_features_max_rows`: the same value, the same gradient up to float rounding, a fraction of the
+    cost); False: autograd through the whole forward.
     """
 
     def __init__(self, out_dim: int = 512, hidden_dim: int = 256, dim: int = 3,
                  block_ids: Sequence[int] = (0, 1, 2, 3), pos_layer_name: str = 'fc_pos', pooled_once: bool = True,
-                 chunk_points: Optional[int] = None, slice_points: Optional[int] = None):
+                 chunk_points: Optional[int] = None, slice_points: Optional[int] = None,
+                 max_rows_backward: bool = True):
         super().__init__()
+        self.max_rows_backward = max_rows_backward
         self.block_ids = tuple(block_ids)
         self.pooled_once = pooled_once
         self.chunk_points = chunk_points
@@ -126,7 +131,7 @@ class ResnetPointnet(nn.Module):
         """The global feature before the output layer: ``relu(max over points)`` ``[B, hidden_dim]``."""
         # Without gradients only: autograd would sum the weight gradients slice by slice (other float rounding). On the
         # CPU only, as the clouds' chunks (utils.tensors.map_row_chunks): it is about the CPU's cache.
-        if self.slice_points is not None and torch.is_grad_enabled():
+        if self.max_rows_backward and torch.is_grad_enabled():
             return self._pooled_features_max_rows(points)
         if (self.slice_points is not None and points.shape[1] > self.slice_points and not torch.is_grad_enabled()
                 and points.device.type == 'cpu'):
@@ -173,13 +178,15 @@ class ResnetPointnet(nn.Module):
                     piece = getattr(self, self.pos_layer_name)(piece)
                 out = self._block_input(k, piece, pooled)
                 maxima.append(max_over_points(out))
-                if k < last or rows_at_max:        # kept for the next block, written in place (no gradients here)
+                if step >= points.shape[1]:        # one slice: the block's output itself
+                    nxt = out
+                elif k < last or rows_at_max:      # kept for the next block, written in place (no gradients here)
                     if nxt is None:
                         nxt = out.new_empty(points.shape[0], points.shape[1], out.shape[-1])
                     nxt[:, start:start + step] = out
             pooled = max_over_points(torch.cat(maxima, dim=1))
-            if rows_at_max:
-                at_max |= (nxt == pooled).any(dim=-1)
+            if rows_at_max:       # nxt - max is 0 exactly where nxt == max (else < 0): one pass less than == .any()
+                at_max |= (nxt - pooled).amax(dim=-1) == 0
             net = nxt
         features = self.actvn(pooled[:, 0])
         return (features, at_max) if rows_at_max else features
@@ -199,12 +206,30 @@ class ResnetPointnet(nn.Module):
         cost (20000-point scenes: about 1000 rows per cloud).
         """
         with torch.no_grad():
-            features, at_max = self._pooled_features_in_slices(points, rows_at_max=True)
+            features, at_max = self.pooled_features_and_rows_at_max(points)
+        with_grad = self.pooled_features_on_rows(points, at_max)
+        return features + (with_grad - with_grad.detach())
+
+    def pooled_features_and_rows_at_max(self, points: torch.Tensor):
+        """Without gradients: :meth:`pooled_features` ``[B, hidden]`` (the same values) and ``[B, N]`` bool, the points
+        whose output equals its cloud's maximum in some channel of some block (sliced as :meth:`pooled_features`,
+        or a few clouds at a time with ``chunk_points``)."""
+        if self.slice_points is not None or self.chunk_points is None or points.device.type != 'cpu':
+            return self._pooled_features_in_slices(points, rows_at_max=True)
+        clouds = max(1, self.chunk_points // max(1, points.shape[1]))
+        pieces = [self._pooled_features_in_slices(points[start:start + clouds], rows_at_max=True)
+                  for start in range(0, points.shape[0], clouds)]
+        return torch.cat([f for f, _ in pieces]), torch.cat([m for _, m in pieces])
+
+    def pooled_features_on_rows(self, points: torch.Tensor, at_max: torch.Tensor) -> torch.Tensor:
+        """:meth:`_pooled_features` of the points marked in ``at_max [B, N]`` (from
+        :meth:`pooled_features_and_rows_at_max` of the same points and weights) alone, each cloud padded to the
+        largest count with copies of one of its points at no maximum: the value of the whole clouds' features (up to
+        float rounding) and, with gradients, their gradient (:meth:`_pooled_features_max_rows`)."""
         counts = at_max.sum(dim=1)
         width = int(counts.max())
         order = torch.argsort((~at_max).to(torch.uint8), dim=1, stable=True)   # the rows at a max first, in order
         filler = order.gather(1, counts.clamp_max(points.shape[1] - 1)[:, None])  # a row at no max (if any)
         rows = torch.where(torch.arange(width, device=points.device) < counts[:, None], order[:, :width], filler)
         subset = points.gather(1, rows[..., None].expand(-1, -1, points.shape[-1]))
-        with_grad = self._pooled_features(subset)
-        return features + (with_grad - with_grad.detach())
+        return self._pooled_features(subset)

@@ -177,6 +177,33 @@ def test_sparse_collision_loss_value_and_gradient_equal_the_dense_ones(model):
     torch.testing.assert_close(sparse[1] / scale, dense[1] / scale, rtol=0, atol=1e-4)     # float rounding
 
 
+def test_sparse_collision_gradient_is_the_dense_one_in_fp64(model):
+    """In fp64 the sparse gradient (colliding points only; the part encoder's backward on its surface samples at a
+    maximum, as marked by the no-gradient encoding) is the dense one to 1e-9: the difference is float rounding."""
+    import copy
+    m = copy.deepcopy(model).double()
+    coap = m.coap
+
+    def loss_and_grad(sparse):
+        g = torch.Generator().manual_seed(0)
+        pose_6d = m.denormalize_pose(0.3 * torch.randn(BODIES, 144, generator=g, dtype=torch.float64))
+        pose_6d.requires_grad_(True)
+        rotmats = rot6d_to_rotmat(pose_6d, mode='diffusion').reshape(BODIES, 24, 3, 3)
+        out = m.smpl(global_orient=rotmats[:, :1], body_pose=rotmats[:, 1:],
+                     betas=torch.zeros(BODIES, 10, dtype=torch.float64), pose2rot=False)
+        body = collision.body_for_occupancy(out.vertices, out.joints, rotmats)
+        points, _ = collision.gather_box_points(scene_around(body), body.vertices)
+        torch.manual_seed(4)
+        coap.detach_cache()
+        loss = (coap.sparse_collision_loss if sparse else coap.collision_loss)(points, body)
+        return loss.detach(), torch.autograd.grad(loss.sum(), pose_6d)[0]
+
+    dense, sparse = loss_and_grad(False), loss_and_grad(True)
+    assert dense[1].dtype == torch.float64 and dense[1].abs().max() > 0
+    torch.testing.assert_close(sparse[0], dense[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(sparse[1], dense[1], rtol=0, atol=1e-9 * dense[1].abs().max().item())
+
+
 def guidance_batch(model, bs=2, num_points=4000, seed=3):
     g = torch.Generator().manual_seed(seed)
     conf = (torch.rand(bs, 25, 1, generator=g) > 0.4).float()

@@ -315,20 +315,32 @@ class COAPBodyModel(nn.Module):
                                                  areas[1]))]
 
     def encode_parts(self, vertices: torch.Tensor, bone_trans: torch.Tensor, draws: list,
-                     body_idx: torch.Tensor, part_idx: torch.Tensor) -> torch.Tensor:
+                     body_idx: torch.Tensor, part_idx: torch.Tensor, rows_at_max: Optional[torch.Tensor] = None,
+                     return_rows_at_max: bool = False):
         """Part codes ``[N, 128]`` of the ``N`` (body, part) pairs from the surface samples ``draws``
         (:meth:`draw_surface_samples`): the matching rows of :meth:`encode_body`'s ``latent_code``.
 
         The point encoder runs on the pairs' samples only; its output layer runs on the ``[B, 16]`` grid of
         :meth:`encode_body` (the other rows zero), so that small GEMM sees the shape it sees there.
+        ``return_rows_at_max`` (no gradients): also return ``[N, n]`` bool, the samples that reach a maximum in the
+        encoder (:meth:`ResnetPointnet.pooled_features_and_rows_at_max`). ``rows_at_max``: that mask from an earlier
+        call for the same pairs, bodies and draws; the encoder then runs on those samples alone
+        (:meth:`ResnetPointnet.pooled_features_on_rows`: for the gradient; the value up to float rounding).
         """
         surface = torch.cat([points_on_drawn_faces(vertices, faces, chosen, weights, body_idx, part_idx)
                              for faces, chosen, weights in draws], dim=1)                   # [N, n, 3]
         local = apply_transform(bone_trans[body_idx, part_idx], surface)
-        pooled = self.encoder.pooled_features(local)
+        at_max = None
+        if rows_at_max is not None:
+            pooled = self.encoder.pooled_features_on_rows(local, rows_at_max)
+        elif return_rows_at_max:
+            pooled, at_max = self.encoder.pooled_features_and_rows_at_max(local)
+        else:
+            pooled = self.encoder.pooled_features(local)
         grid = pooled.new_zeros(vertices.shape[0], NUM_PARTS, pooled.shape[-1]).index_put((body_idx, part_idx),
                                                                                          pooled)
-        return self.encoder.fc_c(grid)[body_idx, part_idx]
+        latent = self.encoder.fc_c(grid)[body_idx, part_idx]
+        return (latent, at_max) if return_rows_at_max else latent
 
     def _part_logits(self, local_in: torch.Tensor, part_idx: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """Decoder logits ``[N]`` of local points ``[N, 3]`` in the boxes of parts ``part_idx`` (codes ``latent``),
@@ -344,9 +356,11 @@ class COAPBodyModel(nn.Module):
         a query point; the others are never read by :meth:`query`.
 
         The surface samples of every part are drawn as :meth:`encode_body` draws them (same RNG use). Returns
-        ``(occupancy, state)``; ``state`` holds the draws and the part each point's occupancy comes from
-        (``part [B, T]``, the max's index) for :meth:`sparse_collision_loss`. Does not touch the body-code cache.
-        ``generators``: one per body for the surface samples (:meth:`draw_surface_samples`), or None.
+        ``(occupancy, state)``; ``state`` holds the draws, the part each point's occupancy comes from
+        (``part [B, T]``, the max's index), each encoded pair's row (``slot [B, 16]``, -1 where not encoded) and its
+        surface samples at a maximum in the encoder (``rows_at_max``) for :meth:`sparse_collision_loss`. Does not
+        touch the body-code cache. ``generators``: one per body for the surface samples
+        (:meth:`draw_surface_samples`), or None.
         """
         check_smpl_output(smpl_output)
         with torch.no_grad():
@@ -364,13 +378,15 @@ class COAPBodyModel(nn.Module):
             slot = torch.full((batch, NUM_PARTS), -1, dtype=torch.long, device=points.device)
             slot[used_b, used_k] = torch.arange(used_b.shape[0], device=points.device)
             part_occupancy = local.new_zeros(batch, NUM_PARTS, num_points)
+            at_max = None
             if used_b.numel():
-                latent = self.encode_parts(vertices, bone_trans, draws, used_b, used_k)
+                latent, at_max = self.encode_parts(vertices, bone_trans, draws, used_b, used_k,
+                                                   return_rows_at_max=True)
                 logits = self._part_logits(local[b_idx, k_idx, t_idx], k_idx, latent[slot[b_idx, k_idx]])
                 part_occupancy = part_occupancy.index_put((b_idx, k_idx, t_idx),
                                                           torch.sigmoid(-logits).to(part_occupancy.dtype))
             occupancy, part = part_occupancy.max(dim=1)
-        return occupancy, {'draws': draws, 'part': part}
+        return occupancy, {'draws': draws, 'part': part, 'slot': slot, 'rows_at_max': at_max}
 
     def sparse_collision_loss(self, points: torch.Tensor, smpl_output, generators: Optional[list] = None
                               ) -> torch.Tensor:
@@ -392,7 +408,10 @@ class COAPBodyModel(nn.Module):
         pairs, slot = torch.unique(b_c * NUM_PARTS + k_c, return_inverse=True)
         batch = vertices.shape[0]
         bone_trans = self.compute_bone_trans(full_pose.reshape(batch, -1), joints)
-        latent = self.encode_parts(vertices, bone_trans, state['draws'], pairs // NUM_PARTS, pairs % NUM_PARTS)
+        pair_b, pair_k = pairs // NUM_PARTS, pairs % NUM_PARTS
+        # The encoder's backward needs only the surface samples at a maximum, as marked by sparse_query's encoding.
+        latent = self.encode_parts(vertices, bone_trans, state['draws'], pair_b, pair_k,
+                                   rows_at_max=state['rows_at_max'][state['slot'][pair_b, pair_k]])
         # index_select, not bone_trans[b_c, k_c] / latent[slot]: rows repeat (one per colliding point), and the
         # backward of advanced indexing (index_put_ with accumulate) adds repeated float rows with parallel atomics
         # on CPU, in a varying order; index_select's backward (index_add_) adds them in index order.
