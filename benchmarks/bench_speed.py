@@ -63,15 +63,18 @@ def build_parser():
 
 @contextlib.contextmanager
 def dense_reference():
-    """The formulation before issue 17: COAP's dense part encoding and SMPL decoding in every denoising step."""
+    """The formulation before issue 17: COAP's dense part encoding and SMPL decoding in every denoising step, and
+    autograd through the whole point encoders (no backward on the points at a maximum only)."""
+    from backbones.pointnet import ResnetPointnet
     from egohmr import collision, evaluate
-    saved = collision._uses_sparse_path, evaluate.POSE_ONLY_KEY
+    saved = collision._uses_sparse_path, evaluate.POSE_ONLY_KEY, ResnetPointnet._pooled_features_max_rows
     collision._uses_sparse_path = lambda occupancy_model, body: False
     evaluate.POSE_ONLY_KEY = '_decode_every_step'
+    ResnetPointnet._pooled_features_max_rows = ResnetPointnet._pooled_features
     try:
         yield
     finally:
-        collision._uses_sparse_path, evaluate.POSE_ONLY_KEY = saved
+        collision._uses_sparse_path, evaluate.POSE_ONLY_KEY, ResnetPointnet._pooled_features_max_rows = saved
 
 
 def gcn_flops_per_row(model) -> float:

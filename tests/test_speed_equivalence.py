@@ -195,10 +195,12 @@ def test_sparse_collision_gradient_is_the_dense_one_in_fp64(model):
         points, _ = collision.gather_box_points(scene_around(body), body.vertices)
         torch.manual_seed(4)
         coap.detach_cache()
+        coap.encoder.max_rows_backward = sparse            # dense: autograd through the whole encoder
         loss = (coap.sparse_collision_loss if sparse else coap.collision_loss)(points, body)
         return loss.detach(), torch.autograd.grad(loss.sum(), pose_6d)[0]
 
     dense, sparse = loss_and_grad(False), loss_and_grad(True)
+    assert coap.encoder.max_rows_backward and model.coap.encoder.max_rows_backward
     assert dense[1].dtype == torch.float64 and dense[1].abs().max() > 0
     torch.testing.assert_close(sparse[0], dense[0], rtol=1e-12, atol=0)
     torch.testing.assert_close(sparse[1], dense[1], rtol=0, atol=1e-9 * dense[1].abs().max().item())
