@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole two-stage EgoHMR pipeline on a synthetic EgoBody-format world, with the project's own scripts and
 # flags as a user types them. Everything is written under $OUT (default outputs/demo).
-#   DEMO_SIZE=small (default, about 9.5 min on a 2-core CPU) | full (larger world, longer training) | tiny (CI)
+#   DEMO_SIZE=small (default, about 6.5 min on a 2-core CPU) | full (larger world, longer training) | tiny (CI)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}

@@ -227,7 +227,7 @@ class ResnetPointnet(nn.Module):
         largest count with copies of one of its points at no maximum: the value of the whole clouds' features (up to
         float rounding) and, with gradients, their gradient (:meth:`_pooled_features_max_rows`)."""
         counts = at_max.sum(dim=1)
-        width = int(counts.max())
+        width = max(1, int(counts.max()))           # (0 only where the outputs are NaN)
         order = torch.argsort((~at_max).to(torch.uint8), dim=1, stable=True)   # the rows at a max first, in order
         filler = order.gather(1, counts.clamp_max(points.shape[1] - 1)[:, None])  # a row at no max (if any)
         rows = torch.where(torch.arange(width, device=points.device) < counts[:, None], order[:, :width], filler)
