@@ -7,8 +7,8 @@ eval forward, beside a matmul floor measured in the same run.
   floor by the measured latency.
 * ``paper_setting``: :func:`egohmr.evaluate.sample_poses` with ddpm-50, COAP guidance (w = 2) on the steps t <= 10,
   diffuse_fuse, ``--num_samples`` samples and the collision ratio; ``reference`` runs the same call on the dense
-  formulation it replaced (COAP encodes all 16 parts of every body, every step decodes SMPL), so
-  ``speedup_over_reference`` is a same-run ratio.
+  formulation it replaced (COAP encodes all 16 parts of every body, every step decodes SMPL, autograd runs through
+  the whole point encoders), so ``speedup_over_reference`` is a same-run ratio.
 * ``guided_step``: one guidance gradient of ``S x F`` bodies posed with the frames' GT pose (+ small noise), lowered
   ``--lower_m`` into the scene (thousands of scene points in each body box, as with a trained model), sparse versus
   dense, with the COAP weights of ``--coap_weights``; with bf16 also under autocast (COAP's networks in bf16), its
@@ -17,7 +17,8 @@ eval forward, beside a matmul floor measured in the same run.
 * ``ddim5``: the same call with DDIM-5 and no guidance.
 * ``training_step``: one ``egohmr.trainer.train_step`` at ``--train_batch`` with the COAP penetration loss off
   (epoch 0) and on (epoch 3), in every ``--precision``, after at least one warm-up step (the first step also
-  allocates the optimiser's state).
+  allocates the optimiser's state); in fp32 also on the dense formulation (``reference_s_per_it``,
+  ``speedup_over_reference``: the scene PointNet's backward through all its points, COAP's dense loss).
 * ``stage1_eval_forward``: ``ProHMRScene.forward_step`` (eval, the config's test sample count) at ``--stage1_batch``.
 
 With ``--precision fp32 bf16`` the sampling figures also run under autocast (``sample_poses(precision='bf16')``)
@@ -243,18 +244,33 @@ def guided_step(model, batch, args, device) -> dict:
 
 
 def training_figures(world, cfg, args, device) -> dict:
+    """Stage-2 training steps per precision; unless ``--skip reference``, also fp32 steps of the dense formulation
+    (:func:`dense_reference`: autograd through the whole point encoders, COAP's dense loss), a same-run ratio."""
     from bench_training import stage2_step
     results = {}
-    for precision in args.precision:
+    runs = [(precision, False) for precision in args.precision]
+    if 'reference' not in args.skip and 'fp32' in args.precision:
+        runs.append(('fp32', True))
+    for precision, reference in runs:
         for epoch, name in ((0, 'coap_off'), (3, 'coap_on')):
             step_args = type(args)(**vars(args))
             step_args.batch_size, step_args.stage2_epoch, step_args.train_precision = args.train_batch, epoch, precision
             step, info = stage2_step(world, cfg, step_args, device)
-            common.log(f'training step, batch {args.train_batch}, {name} ({precision})')
+            label = 'dense reference' if reference else precision
+            common.log(f'training step, batch {args.train_batch}, {name} ({label})')
+
+            def timed(step=step, reference=reference):
+                with dense_reference() if reference else contextlib.nullcontext():
+                    step()
             # one warm-up step at least: the first one also allocates the optimiser's state
-            timing = common.time_call(step, device, args.repeats, max(args.warmup, 1))
+            timing = common.time_call(timed, device, args.repeats, max(args.warmup, 1))
             key = f'training_step/{name}' + ('' if precision == 'fp32' else f'/{precision}')
-            results[key] = {'s_per_it': timing['mean_s'], 'batch': args.train_batch, 'precision': precision, **info}
+            if reference:
+                results[key].update(reference_s_per_it=timing['mean_s'],
+                                    speedup_over_reference=timing['mean_s'] / results[key]['s_per_it'])
+            else:
+                results[key] = {'s_per_it': timing['mean_s'], 'batch': args.train_batch, 'precision': precision,
+                                **info}
     return results
 
 
