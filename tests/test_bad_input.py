@@ -309,7 +309,13 @@ def test_07_val_at_start_never_writes_best_model(world, cfg, tmp_path, monkeypat
     calls = []
     monkeypatch.setattr(trainer, 'validate', lambda model, loader, device: {trainer.VAL_METRIC: 1.0})
     monkeypatch.setattr(trainer, 'data_initialize', lambda model, batch: None)
-    monkeypatch.setattr(trainer, 'run_training_loop', lambda *a, **k: calls.append(k) or 0)
+
+    def no_training(args, loader, sampler, step_fn, validate, record, writer, *rest, **kwargs):
+        calls.append(kwargs)
+        if writer is not None:      # as the real loop: its TensorBoard thread must not outlive tmp_path
+            writer.close()
+        return 0
+    monkeypatch.setattr(trainer, 'run_training_loop', no_training)
     args = script('train_prohmr_scene').build_parser().parse_args(
         s1_train_flags(world, tmp_path) + ['--val_at_start', 'True', '--seed', '0'])
     summary = trainer.train(args, cfg)
