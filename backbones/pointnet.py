@@ -129,16 +129,20 @@ class ResnetPointnet(nn.Module):
 
     def pooled_features(self, points: torch.Tensor) -> torch.Tensor:
         """The global feature before the output layer: ``relu(max over points)`` ``[B, hidden_dim]``."""
-        # Without gradients only: autograd would sum the weight gradients slice by slice (other float rounding). On the
-        # CPU only, as the clouds' chunks (utils.tensors.map_row_chunks): it is about the CPU's cache.
         if self.max_rows_backward and torch.is_grad_enabled():
             return self._pooled_features_max_rows(points)
+        # Without gradients only: autograd would sum the weight gradients slice by slice (other float rounding). On the
+        # CPU only, as the clouds' chunks (utils.tensors.map_row_chunks): it is about the CPU's cache.
         if (self.slice_points is not None and points.shape[1] > self.slice_points and not torch.is_grad_enabled()
                 and points.device.type == 'cpu'):
             return self._pooled_features_in_slices(points)
         if self.chunk_points is None:
             return self._pooled_features(points)
-        return map_row_chunks(self._pooled_features, (points,), max(1, self.chunk_points // max(1, points.shape[1])))
+        return map_row_chunks(self._pooled_features, (points,), self._clouds_per_chunk(points))
+
+    def _clouds_per_chunk(self, points: torch.Tensor) -> int:
+        """Clouds of ``points [B, N, dim]`` per ``chunk_points`` slice (at least one)."""
+        return max(1, self.chunk_points // max(1, points.shape[1]))
 
     def _block_input(self, k: int, net: torch.Tensor, pooled: Optional[torch.Tensor]):
         """Block ``k``'s call on the previous features ``net`` and the previous max ``pooled`` (None before block 0)."""
@@ -214,12 +218,10 @@ class ResnetPointnet(nn.Module):
         """Without gradients: :meth:`pooled_features` ``[B, hidden]`` (the same values) and ``[B, N]`` bool, the points
         whose output equals its cloud's maximum in some channel of some block (sliced as :meth:`pooled_features`,
         or a few clouds at a time with ``chunk_points``)."""
-        if self.slice_points is not None or self.chunk_points is None or points.device.type != 'cpu':
+        if self.slice_points is not None or self.chunk_points is None:
             return self._pooled_features_in_slices(points, rows_at_max=True)
-        clouds = max(1, self.chunk_points // max(1, points.shape[1]))
-        pieces = [self._pooled_features_in_slices(points[start:start + clouds], rows_at_max=True)
-                  for start in range(0, points.shape[0], clouds)]
-        return torch.cat([f for f, _ in pieces]), torch.cat([m for _, m in pieces])
+        return map_row_chunks(lambda clouds: self._pooled_features_in_slices(clouds, rows_at_max=True), (points,),
+                              self._clouds_per_chunk(points))
 
     def pooled_features_on_rows(self, points: torch.Tensor, at_max: torch.Tensor) -> torch.Tensor:
         """:meth:`_pooled_features` of the points marked in ``at_max [B, N]`` (from

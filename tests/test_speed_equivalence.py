@@ -301,6 +301,8 @@ def test_map_row_chunks_covers_every_row_once():
     assert torch.equal(map_row_chunks(fn, (x, y), 10), x * y) and seen == [10]
     with pytest.raises(ValueError, match='rows_per_chunk'):
         map_row_chunks(fn, (x, y), 0)
+    pair = map_row_chunks(lambda a: (a + 1, a > 4), (x,), 3)      # tuple results: each part concatenated
+    assert torch.equal(pair[0], x + 1) and torch.equal(pair[1], x > 4)
 
 
 def test_fp32_under_autocast_casts_tensor_and_dict_arguments():

@@ -14,8 +14,9 @@ def to_numpy(x, dtype=None) -> np.ndarray:
     return array if dtype is None else array.astype(dtype, copy=False)
 
 
-def map_row_chunks(fn, tensors, rows_per_chunk: int) -> torch.Tensor:
-    """``fn(*tensors)`` computed on consecutive dim-0 slices of ``rows_per_chunk`` rows and concatenated.
+def map_row_chunks(fn, tensors, rows_per_chunk: int):
+    """``fn(*tensors)`` computed on consecutive dim-0 slices of ``rows_per_chunk`` rows and concatenated (a ``fn``
+    that returns a tuple of tensors: each of them concatenated).
 
     For functions that treat rows independently (per-point MLPs, per-cloud encoders): the same values, with each
     slice's intermediate tensors small enough to stay in the CPU cache instead of streaming through memory between
@@ -27,8 +28,10 @@ def map_row_chunks(fn, tensors, rows_per_chunk: int) -> torch.Tensor:
         raise ValueError(f"rows_per_chunk must be >= 1, got {rows_per_chunk}")
     if rows <= rows_per_chunk or tensors[0].device.type != 'cpu':
         return fn(*tensors)
-    return torch.cat([fn(*(t[start:start + rows_per_chunk] for t in tensors))
-                      for start in range(0, rows, rows_per_chunk)])
+    pieces = [fn(*(t[start:start + rows_per_chunk] for t in tensors)) for start in range(0, rows, rows_per_chunk)]
+    if isinstance(pieces[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*pieces))
+    return torch.cat(pieces)
 
 
 def full_precision(x: torch.Tensor):
