@@ -351,16 +351,17 @@ class COAPBodyModel(nn.Module):
         features = torch.cat([local_in, torch.ones_like(local_in[:, :1]), self.k_one_hot[part_idx], latent], dim=-1)
         return self.decoder(torch.cat([local_in, self.query_encoder(features)], dim=-1))[:, 0]
 
-    def sparse_query(self, points: torch.Tensor, smpl_output, generators: Optional[list] = None):
+    def sparse_query(self, points: torch.Tensor, smpl_output, generators: Optional[list] = None,
+                     mark_rows_at_max: bool = False):
         """:meth:`query`'s occupancy ``[B, T]`` (same values, no gradient), encoding only the parts whose box holds
         a query point; the others are never read by :meth:`query`.
 
         The surface samples of every part are drawn as :meth:`encode_body` draws them (same RNG use). Returns
         ``(occupancy, state)``; ``state`` holds the draws, the part each point's occupancy comes from
-        (``part [B, T]``, the max's index), each encoded pair's row (``slot [B, 16]``, -1 where not encoded) and its
-        surface samples at a maximum in the encoder (``rows_at_max``) for :meth:`sparse_collision_loss`. Does not
-        touch the body-code cache. ``generators``: one per body for the surface samples
-        (:meth:`draw_surface_samples`), or None.
+        (``part [B, T]``, the max's index), each encoded pair's row (``slot [B, 16]``, -1 where not encoded) and,
+        with ``mark_rows_at_max``, its surface samples at a maximum in the encoder (``rows_at_max``, else None) for
+        :meth:`sparse_collision_loss`'s gradient. Does not touch the body-code cache. ``generators``: one per body
+        for the surface samples (:meth:`draw_surface_samples`), or None.
         """
         check_smpl_output(smpl_output)
         with torch.no_grad():
@@ -380,8 +381,10 @@ class COAPBodyModel(nn.Module):
             part_occupancy = local.new_zeros(batch, NUM_PARTS, num_points)
             at_max = None
             if used_b.numel():
-                latent, at_max = self.encode_parts(vertices, bone_trans, draws, used_b, used_k,
-                                                   return_rows_at_max=True)
+                latent = self.encode_parts(vertices, bone_trans, draws, used_b, used_k,
+                                           return_rows_at_max=mark_rows_at_max)
+                if mark_rows_at_max:
+                    latent, at_max = latent
                 logits = self._part_logits(local[b_idx, k_idx, t_idx], k_idx, latent[slot[b_idx, k_idx]])
                 part_occupancy = part_occupancy.index_put((b_idx, k_idx, t_idx),
                                                           torch.sigmoid(-logits).to(part_occupancy.dtype))
@@ -396,10 +399,11 @@ class COAPBodyModel(nn.Module):
         each through the part its max comes from, so only those points and parts are evaluated again with autograd.
         Equal to the dense gradient up to float rounding (the sums over points run in another order).
         """
-        occupancy, state = self.sparse_query(points, smpl_output, generators)
-        excess = torch.relu(occupancy - self.level_set).sum(dim=-1)
         vertices, joints, full_pose = smpl_output.vertices, smpl_output.joints, smpl_output.full_pose
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (vertices, joints, full_pose))):
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (vertices, joints, full_pose))
+        occupancy, state = self.sparse_query(points, smpl_output, generators, mark_rows_at_max=needs_grad)
+        excess = torch.relu(occupancy - self.level_set).sum(dim=-1)
+        if not needs_grad:
             return excess
         b_c, t_c = (occupancy > self.level_set).nonzero(as_tuple=True)
         if b_c.numel() == 0:
