@@ -105,10 +105,11 @@ def dense_features(model: ResnetPointnet, points: torch.Tensor) -> torch.Tensor:
 
 def test_scene_encoder_backward_runs_on_the_points_at_a_maximum():
     """With gradients a scene encoder (``slice_points`` set) returns the value of its no-gradient run bit for bit and
-    the full backward's gradients of every parameter and of the points: to 1e-12 in fp64 (the zero rows are left out
-    of the sums, nothing else), to float rounding in fp32; ties (duplicated points), clouds with different numbers
-    of points at a maximum (padding) and clouds whose every point is at one included. The backward pass sees at most
-    blocks x hidden (64) of the 3000 points of a cloud, and no other point gets a gradient."""
+    the full backward's gradients of every parameter and of the points: to 1e-12 in fp64 (the zero rows are left out of
+    the sums, nothing else), to float rounding in fp32; ties (duplicated points), clouds with different numbers of
+    points at a maximum (padding) and clouds whose every point is at one included; each cloud encoded alone gets the
+    value and the point gradients it gets in the padded batch (to float rounding: other GEMM shapes). The backward
+    pass sees at most blocks x hidden (64) of the 3000 points of a cloud, and no other point gets a gradient."""
     torch.manual_seed(6)
     model = randomised(ResnetPointnet(out_dim=8, hidden_dim=16, pos_layer_name='fc_pos_0', slice_points=1024))
     clouds = torch.randn(3, 3000, 3)
@@ -143,6 +144,13 @@ def test_scene_encoder_backward_runs_on_the_points_at_a_maximum():
             assert bool((fast[0].abs().sum(dim=-1) > 0).le(at_max).all())     # no gradient off the subset
             if points.shape[1] == 3:
                 assert bool(at_max.all())
+            for i in range(points.shape[0]):              # each cloud alone (no padding): its own value and gradient
+                xi = x[i:i + 1].detach().clone().requires_grad_()
+                alone = model(xi)
+                torch.testing.assert_close(alone[0], out[i], rtol=tolerance, atol=tolerance)   # other GEMM shapes
+                (alone * weights[i:i + 1].to(dtype)).sum().backward()
+                torch.testing.assert_close(xi.grad[0], fast[0][i], rtol=tolerance,
+                                           atol=tolerance * fast[0].abs().max().item())
     model.float()
 
 
